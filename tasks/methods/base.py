@@ -1,0 +1,99 @@
+"""The one detector interface (scikit-learn style) and what a detector is given.
+
+Every method is used the same way: ``Detector(params).fit(train) -> self``,
+``score(batch) -> (image_scores, anomaly_maps)``, ``save(dir)``, ``load(dir)``.
+The flow, the fusion and the evaluation never special-case a method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+
+from ..features import FeatureStoreRef, iter_input_batches
+
+
+@dataclass
+class PatchSet:
+    """Patches handed to a detector: their table rows, and where their features and pixels are.
+
+    ``positions`` are the rows of these patches inside ``store`` (one store
+    holds a whole category; a PatchSet selects the train or the test part).
+    Feature-based methods read ``feature_chunks``; methods that train their
+    own network read ``input_batches``.
+    """
+
+    table: pd.DataFrame
+    store: FeatureStoreRef | None
+    positions: np.ndarray
+    paths: dict[str, str]
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def feature_chunks(self, layers, chunk_size: int = 256
+                       ) -> Iterator[tuple[slice, dict[str, np.ndarray]]]:
+        """(slice into this set, {layer: float32 (n, C, h, w)}) in bounded-memory chunks."""
+        if self.store is None:
+            raise ValueError("this PatchSet has no feature store")
+        arrays = {layer: self.store.maps(layer) for layer in layers}
+        for start in range(0, len(self.positions), chunk_size):
+            part = slice(start, min(start + chunk_size, len(self.positions)))
+            rows = np.sort(self.positions[part])
+            order = np.argsort(np.argsort(self.positions[part]))
+            yield part, {layer: np.asarray(a[rows], dtype=np.float32)[order]
+                         for layer, a in arrays.items()}
+
+    def input_batches(self, batch_size: int = 32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(positions in this set, normalized float32 (B, 3, S, S) inputs)."""
+        yield from iter_input_batches(self.table, self.paths, self.input_size, self.mean,
+                                      self.std, batch_size)
+
+
+class Detector:
+    """Base class: parameters as a dataclass, saved as JSON beside the fitted state."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type]
+
+    def __init__(self, params: Any = None):
+        self.params = params if params is not None else self.Params()
+
+    def fit(self, train: PatchSet) -> "Detector":
+        raise NotImplementedError
+
+    def score(self, batch: PatchSet) -> tuple[np.ndarray, np.ndarray]:
+        """Image (patch) scores (n,) and anomaly maps (n, S, S), float32."""
+        raise NotImplementedError
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "detector.json").write_text(json.dumps(
+            {"method": self.name, "params": dataclasses.asdict(self.params)}, indent=1))
+        self._save_state(directory)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Detector":
+        directory = Path(directory)
+        meta = json.loads((directory / "detector.json").read_text())
+        detector = cls(cls.Params(**meta["params"]))
+        detector._load_state(directory)
+        return detector
+
+    def _save_state(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    def _load_state(self, directory: Path) -> None:
+        raise NotImplementedError

@@ -1,0 +1,137 @@
+"""PatchCore (Roth et al., CVPR 2022), as in the kitchen-board thesis sections 4.1 and 5.3.
+
+Locally aware patch features from two backbone layers (3x3 neighbourhood
+average, the deeper layer upsampled bilinearly to the shallower one's grid,
+concatenated) form a memory bank of normal features, reduced by a greedy
+coreset. A test patch's score is its distance to the nearest bank feature;
+the image score is the largest patch score, reweighted by how isolated that
+bank feature is among its own neighbours (paper, eq. 7).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+
+from ..coreset import greedy_coreset
+from .base import Detector, PatchSet
+
+
+@dataclass
+class PatchCoreParams:
+    layers: tuple[str, ...] = ("blocks.2", "blocks.4")
+    coreset_ratio: float = 0.1
+    projection_dim: int = 128          # JL projection used by the coreset selection only
+    coreset_chunk: int = 65536         # vectors per greedy chunk (memory and time bound)
+    num_neighbors: int = 9             # b in the paper's image-score reweighting
+    smoothing_sigma: float = 4.0       # Gaussian blur of the upsampled anomaly map
+    seed: int = 0
+
+    def __post_init__(self):
+        self.layers = tuple(self.layers)
+        if not 0 < self.coreset_ratio <= 1:
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        if self.num_neighbors < 1 or self.projection_dim < 1 or self.coreset_chunk < 2:
+            raise ValueError("num_neighbors, projection_dim and coreset_chunk must be positive")
+        if self.smoothing_sigma < 0:
+            raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
+
+
+def embed(feature_maps: dict[str, np.ndarray], layers) -> torch.Tensor:
+    """(n, h, w, D) locally aware features on the grid of the first (shallowest) layer."""
+    first = torch.from_numpy(feature_maps[layers[0]])
+    grid = first.shape[-2:]
+    parts = []
+    for layer in layers:
+        fmap = torch.from_numpy(feature_maps[layer])
+        fmap = F.avg_pool2d(fmap, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+        if fmap.shape[-2:] != grid:
+            fmap = F.interpolate(fmap, size=grid, mode="bilinear", align_corners=False)
+        parts.append(fmap)
+    return torch.cat(parts, dim=1).permute(0, 2, 3, 1).contiguous()
+
+
+class PatchCore(Detector):
+    name = "patchcore"
+    Params = PatchCoreParams
+
+    def __init__(self, params: PatchCoreParams | None = None):
+        super().__init__(params)
+        self.memory_bank: np.ndarray | None = None
+        self._index: faiss.Index | None = None
+
+    # -- fitting ---------------------------------------------------------------
+    def fit(self, train: PatchSet) -> "PatchCore":
+        chunks = []
+        for _, maps in train.feature_chunks(self.params.layers):
+            feats = embed(maps, self.params.layers)
+            chunks.append(feats.reshape(-1, feats.shape[-1]).numpy())
+        bank = np.concatenate(chunks)
+        keep = greedy_coreset(bank, self.params.coreset_ratio, self.params.projection_dim,
+                              self.params.coreset_chunk, self.params.seed)
+        self.memory_bank = np.ascontiguousarray(bank[keep], dtype=np.float32)
+        self._index = None
+        return self
+
+    @property
+    def index(self) -> faiss.Index:
+        if self._index is None:
+            self._index = faiss.IndexFlatL2(self.memory_bank.shape[1])
+            self._index.add(self.memory_bank)
+        return self._index
+
+    # -- scoring ---------------------------------------------------------------
+    def score(self, batch: PatchSet) -> tuple[np.ndarray, np.ndarray]:
+        size = batch.input_size
+        scores = np.zeros(len(batch), dtype=np.float32)
+        anomaly_maps = np.zeros((len(batch), size, size), dtype=np.float32)
+        for part, maps in batch.feature_chunks(self.params.layers):
+            feats = embed(maps, self.params.layers)
+            n, h, w, dim = feats.shape
+            queries = feats.reshape(-1, dim).numpy()
+            sq_dist, nearest = self.index.search(queries, 1)
+            patch_scores = np.sqrt(np.maximum(sq_dist[:, 0], 0)).reshape(n, h * w)
+            scores[part] = self._image_scores(queries.reshape(n, h * w, dim), patch_scores,
+                                              nearest[:, 0].reshape(n, h * w))
+            anomaly_maps[part] = self._anomaly_maps(patch_scores.reshape(n, h, w), size)
+        return scores, anomaly_maps
+
+    def _image_scores(self, queries: np.ndarray, patch_scores: np.ndarray,
+                      nearest: np.ndarray) -> np.ndarray:
+        """Max patch score, reweighted by the isolation of its nearest bank feature."""
+        rows = np.arange(len(patch_scores))
+        worst = patch_scores.argmax(axis=1)
+        best_score = patch_scores[rows, worst]
+        k = min(self.params.num_neighbors, len(self.memory_bank))
+        if k <= 1:
+            return best_score
+        test_feats = queries[rows, worst]                      # m_test*
+        anchors = self.memory_bank[nearest[rows, worst]]       # m*
+        _, neighbours = self.index.search(anchors, k)          # N_b(m*), m* itself first
+        dists = np.linalg.norm(self.memory_bank[neighbours] - test_feats[:, None, :], axis=2)
+        # w = 1 - exp(s*) / sum_{m in N_b(m*)} exp(||m_test* - m||), as a stable softmax.
+        shifted = np.exp(dists - dists.max(axis=1, keepdims=True))
+        weight = 1.0 - shifted[:, 0] / shifted.sum(axis=1)
+        return (weight * best_score).astype(np.float32)
+
+    def _anomaly_maps(self, patch_scores: np.ndarray, size: int) -> np.ndarray:
+        maps = F.interpolate(torch.from_numpy(patch_scores[:, None]), size=(size, size),
+                             mode="bilinear", align_corners=False)[:, 0].numpy()
+        sigma = self.params.smoothing_sigma
+        if sigma > 0:
+            maps = np.stack([gaussian_filter(m, sigma=sigma) for m in maps])
+        return maps.astype(np.float32)
+
+    # -- persistence -------------------------------------------------------------
+    def _save_state(self, directory: Path) -> None:
+        np.save(directory / "memory_bank.npy", self.memory_bank)
+
+    def _load_state(self, directory: Path) -> None:
+        self.memory_bank = np.load(directory / "memory_bank.npy")
+        self._index = None

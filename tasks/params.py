@@ -1,0 +1,167 @@
+"""Pipeline parameters: YAML validated by a typed model; unknown keys and bad values are errors."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import DefectflowError
+
+LAYOUTS = ("elpv", "mvtec", "magnetic_tile", "folder")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetParams(_Strict):
+    layout: Literal["elpv", "mvtec", "magnetic_tile", "folder"] = "elpv"
+    path: str | None = None            # folder of the data (not used by elpv)
+    name: str | None = None            # dataset name: the MLflow experiment; default from layout
+    category: str | None = None        # category name for single-category layouts
+    categories: list[str] | None = None  # run only these categories
+    train_fraction: float = Field(0.8, gt=0, lt=1)
+    validation_fraction: float = Field(0.1, ge=0, lt=1)
+    seed: int = 0
+
+
+class PatchParams(_Strict):
+    size: int | None = Field(None, gt=0)    # None: each whole image is one patch
+    stride: int | None = Field(None, gt=0)  # None: equal to size
+    min_mean_intensity: float = Field(31.0, ge=0, le=255)
+
+
+class FeatureParams(_Strict):
+    backbone: str = "efficientnet_lite0"
+    layers: list[str] = ["blocks.2", "blocks.4"]
+    input_size: int = Field(224, ge=32, le=2048)
+    batch_size: int = Field(32, ge=1)
+    device: str = "auto"
+
+    @field_validator("layers")
+    @classmethod
+    def _two_or_more(cls, layers):
+        if not layers:
+            raise ValueError("at least one layer is needed")
+        return layers
+
+
+class EvaluationParams(_Strict):
+    threshold_quantile: float = Field(0.99, gt=0, le=1)
+    overlays: int = Field(6, ge=0)
+
+
+class CategorizationParams(_Strict):
+    n_clusters: int | None = Field(None, ge=1)
+    max_side: int = Field(256, ge=16)
+
+
+class TrackingParams(_Strict):
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str | None = None
+
+
+class PipelineParams(_Strict):
+    dataset: DatasetParams = DatasetParams()
+    patches: PatchParams = PatchParams()
+    normalization: Literal["dataset", "imagenet"] = "dataset"
+    features: FeatureParams = FeatureParams()
+    methods: dict[str, dict[str, Any]] = {"patchcore": {}}
+    evaluation: EvaluationParams = EvaluationParams()
+    categorization: CategorizationParams = CategorizationParams()
+    tracking: TrackingParams = TrackingParams()
+    cache_dir: str = ".defectflow-cache"
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods):
+        from .methods import METHODS
+
+        if not methods:
+            raise ValueError("at least one method is needed")
+        for name, options in methods.items():
+            if name not in METHODS:
+                raise ValueError(f"unknown method {name!r} (choose from {sorted(METHODS)})")
+            method_params(name, options or {}, layers=None)
+        return {name: dict(options or {}) for name, options in methods.items()}
+
+    @property
+    def dataset_name(self) -> str:
+        return self.dataset.name or self.dataset.layout.replace("_", "-")
+
+
+def method_params(name: str, options: dict[str, Any], layers: list[str] | None):
+    """The method's parameter dataclass from YAML options; ``layers`` come from ``features``."""
+    from .methods import METHODS
+
+    params_cls = METHODS[name].Params
+    fields = {f.name for f in dataclasses.fields(params_cls)} - {"layers"}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} for method {name!r} (valid: {sorted(fields)})")
+    values = dict(options)
+    if layers is not None and "layers" in {f.name for f in dataclasses.fields(params_cls)}:
+        values["layers"] = tuple(layers)
+    try:
+        from pydantic import TypeAdapter
+
+        return TypeAdapter(params_cls).validate_python(values)
+    except ValidationError as exc:
+        raise ValueError(_first_error(exc)) from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    return f"{where}: {err['msg']}" if where else err["msg"]
+
+
+def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None = None
+                ) -> PipelineParams:
+    """Read and validate a params YAML (defaults when ``path`` is None)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise DefectflowError("params file not found", path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise DefectflowError(f"not valid YAML ({str(exc).splitlines()[0]})", path) from None
+        if not isinstance(data, dict):
+            raise DefectflowError("expected a mapping of parameters at the top level", path)
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return PipelineParams.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        err = errors[0]
+        where = ".".join(str(p) for p in err["loc"])
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        raise DefectflowError(f"{where}: {message}", path or "<defaults>") from None
+
+
+def flatten(params: PipelineParams) -> dict[str, str]:
+    """Dotted keys → string values, for MLflow params (one value per resolved setting)."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), sub)
+        else:
+            out[prefix] = str(value)
+
+    walk("", params.model_dump(mode="json"))
+    return out

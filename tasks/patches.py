@@ -1,0 +1,112 @@
+"""Sliding-window patch planning (kitchen-board thesis, section 3.2.1).
+
+Per axis the thesis places ``floor((L - P) / S) + 1`` windows at ``x = S * i``;
+we add one more window flush with the right (bottom) edge whenever those leave
+a strip uncovered, so the whole image is inspected. A whole image is the
+special case of one patch (``patch_size=None``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pandas as pd
+
+from .errors import DefectflowError
+from .images import read_image, read_mask
+
+PATCH_COLUMNS = ["patch_id", "image_id", "category", "split", "x", "y", "width", "height",
+                 "label", "mean_intensity"]
+
+
+def grid_positions(length: int, patch_size: int, stride: int) -> list[int]:
+    """Top-left offsets of windows along one axis, the edge window included."""
+    if patch_size <= 0 or stride <= 0:
+        raise DefectflowError(f"patch size and stride must be positive (got {patch_size}, {stride})")
+    if length <= patch_size:
+        return [0]
+    count = (length - patch_size) // stride + 1
+    positions = [stride * i for i in range(count)]
+    if positions[-1] + patch_size < length:
+        positions.append(length - patch_size)
+    return positions
+
+
+def patch_windows(width: int, height: int, patch_size: int | None,
+                  stride: int | None) -> list[tuple[int, int, int, int]]:
+    """(x, y, w, h) of every window of an image; one window when ``patch_size`` is None."""
+    if patch_size is None:
+        return [(0, 0, width, height)]
+    stride = stride or patch_size
+    w, h = min(patch_size, width), min(patch_size, height)
+    return [(x, y, w, h)
+            for y in grid_positions(height, patch_size, stride)
+            for x in grid_positions(width, patch_size, stride)]
+
+
+def _image_patches(row, patch_size, stride, min_mean_intensity) -> list[dict]:
+    image = read_image(row.path)
+    height, width = image.shape[:2]
+    mask = None
+    if isinstance(row.mask_path, str) and row.mask_path:
+        mask = read_mask(row.mask_path, expected_hw=(height, width))
+    records = []
+    for x, y, w, h in patch_windows(width, height, patch_size, stride):
+        crop = image[y:y + h, x:x + w]
+        if mask is not None:
+            label = int(mask[y:y + h, x:x + w].any())
+        else:
+            # Without a mask, a patch inherits its image's label.
+            label = int(row.label)
+        records.append(dict(image_id=row.image_id, category=row.category, split=row.split,
+                            x=x, y=y, width=w, height=h, label=label,
+                            mean_intensity=float(crop.mean())))
+    if patch_size is not None:
+        kept = [r for r in records if r["mean_intensity"] > min_mean_intensity]
+        if not kept:
+            # Keep the brightest window so that every image still gets a score.
+            kept = [max(records, key=lambda r: r["mean_intensity"])]
+        records = kept
+    return records
+
+
+def plan_patches(manifest: pd.DataFrame, patch_size: int | None = None,
+                 stride: int | None = None, min_mean_intensity: float = 31.0) -> pd.DataFrame:
+    """The patch table: one row per kept window of every manifest image.
+
+    Windows whose mean intensity (0-255, over all channels) is at or below
+    ``min_mean_intensity`` are dropped, as the thesis drops black background;
+    whole images (``patch_size=None``) are never dropped. A patch's label is 1
+    when its part of the mask has any positive pixel.
+    """
+    records: list[dict] = []
+    for row in manifest.itertuples(index=False):
+        records.extend(_image_patches(row, patch_size, stride, min_mean_intensity))
+    table = pd.DataFrame.from_records(records, columns=PATCH_COLUMNS[1:])
+    table.insert(0, "patch_id", [f"{r.image_id}@{r.x},{r.y},{r.width},{r.height}"
+                                 for r in table.itertuples(index=False)])
+    return table.reset_index(drop=True)
+
+
+def iter_patch_pixels(patch_table: pd.DataFrame,
+                      paths: dict[str, str]) -> Iterator[tuple[int, np.ndarray]]:
+    """(row position, RGB uint8 crop) for every patch, reading each image once."""
+    positions = np.arange(len(patch_table))
+    image_ids = patch_table["image_id"].to_numpy()
+    current_id, image = None, None
+    for pos in positions:
+        if image_ids[pos] != current_id:
+            current_id = image_ids[pos]
+            image = read_image(paths[current_id])
+        x, y, w, h = (int(v) for v in patch_table.iloc[pos][["x", "y", "width", "height"]])
+        yield int(pos), image[y:y + h, x:x + w]
+
+
+def patch_mask(patch_row, mask_path: str | None, image_hw: tuple[int, int]) -> np.ndarray:
+    """The ground-truth crop of one patch (all False where the image has no mask)."""
+    if not mask_path:
+        return np.zeros((int(patch_row.height), int(patch_row.width)), dtype=bool)
+    mask = read_mask(mask_path, expected_hw=image_hw)
+    x, y, w, h = int(patch_row.x), int(patch_row.y), int(patch_row.width), int(patch_row.height)
+    return mask[y:y + h, x:x + w]

@@ -1,0 +1,328 @@
+"""The pipeline's steps on by-reference data: what ``flows/pipeline.py`` wraps as Prefect tasks.
+
+Each step reads its inputs from small descriptors, calls the plain functions
+of the other modules, writes its output once under a content-addressed key
+(the hash of its inputs' keys and the parameters that matter) and returns a
+small descriptor. Calling a step again with the same inputs finds the output
+and returns at once, with or without Prefect's cache in front of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import datasets, evaluation
+from .errors import DefectflowError
+from .features import FeatureStoreRef, extract_features, resolve_device
+from .images import read_image, read_mask, text_hash
+from .methods import METHODS, PatchSet
+from .normalization import normalization_stats
+from .patches import plan_patches
+
+STEP_VERSION = "1"  # bump when a step's output format or meaning changes
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A content-addressed output on disk: a file or folder, and the key it was made under."""
+
+    path: str
+    key: str
+
+    def exists(self) -> bool:
+        return Path(self.path).exists()
+
+    def table(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path)
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    manifest: Ref
+    counts: Ref
+    skipped: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+    def exists(self) -> bool:
+        return self.manifest.exists() and self.counts.exists()
+
+
+def _out(cache_dir: str | Path, kind: str, key: str, suffix: str = "") -> Path:
+    path = Path(cache_dir) / kind / f"{key}{suffix}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _write_table(table: pd.DataFrame, path: Path) -> None:
+    partial = path.with_name(path.name + f".partial-{os.getpid()}")
+    table.to_parquet(partial, index=False)
+    partial.replace(path)
+
+
+def _finish_folder(partial: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(partial, ignore_errors=True)
+    else:
+        partial.rename(final)
+
+
+# -- 1. scan + categorize ---------------------------------------------------------
+def source_fingerprint(layout: str, path: str | None) -> str:
+    """Cheap stat-based fingerprint of a data source: changes when any file changes.
+
+    It is the cache key of the scan (which hashes every file's content); the
+    later steps are keyed on those content hashes.
+    """
+    if layout == "elpv":
+        import elpv_dataset
+
+        root = Path(elpv_dataset.__file__).parent
+    else:
+        if path is None:
+            raise DefectflowError(f"dataset.path is required for layout {layout!r}")
+        root = Path(path)
+        if not root.exists():
+            raise DefectflowError("dataset path not found", root)
+    entries = []
+    for item in sorted(root.rglob("*")):
+        if item.is_file():
+            stat = item.stat()
+            entries.append(f"{item.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}")
+    return text_hash(layout, str(root.resolve()), *entries)
+
+
+def scan_step(dataset: dict, fingerprint: str, cache_dir: str) -> ScanResult:
+    """Manifest (with validation hold-out) and count table of a data source."""
+    # The dataset's display name does not change the manifest: keep it out of the key.
+    relevant = {k: v for k, v in dataset.items() if k != "name"}
+    key = text_hash("scan", STEP_VERSION, fingerprint, json.dumps(relevant, sort_keys=True))
+    manifest_path = _out(cache_dir, "manifests", key, ".parquet")
+    counts_path = _out(cache_dir, "tables", f"counts-{key}", ".parquet")
+    skipped_path = _out(cache_dir, "tables", f"skipped-{key}", ".json")
+    if manifest_path.exists() and counts_path.exists() and skipped_path.exists():
+        skipped = tuple(tuple(x) for x in json.loads(skipped_path.read_text()))
+        return ScanResult(Ref(str(manifest_path), key), Ref(str(counts_path), key), skipped)
+    result = datasets.scan_dataset(
+        dataset["layout"], dataset.get("path"), category=dataset.get("category"),
+        train_fraction=dataset["train_fraction"], seed=dataset["seed"],
+        materialize_dir=Path(cache_dir) / "datasets")
+    manifest = result.manifest
+    if dataset.get("categories"):
+        wanted = set(dataset["categories"])
+        unknown = wanted - set(manifest["category"])
+        if unknown:
+            raise DefectflowError(f"categories {sorted(unknown)} not in the dataset "
+                                  f"(found {sorted(set(manifest['category']))})",
+                                  dataset.get("path") or dataset["layout"])
+        manifest = manifest[manifest["category"].isin(wanted)].reset_index(drop=True)
+    manifest = datasets.holdout_validation(manifest, dataset["validation_fraction"],
+                                           dataset["seed"])
+    _write_table(manifest, manifest_path)
+    _write_table(datasets.count_table(manifest), counts_path)
+    skipped_path.write_text(json.dumps([list(s) for s in result.skipped]))
+    return ScanResult(Ref(str(manifest_path), key), Ref(str(counts_path), key),
+                      tuple(tuple(s) for s in result.skipped))
+
+
+def categorize_step(manifest: Ref, n_clusters: int | None, max_side: int, seed: int,
+                    cache_dir: str) -> Ref:
+    """Image-property table (brightness, colourfulness, edge density) and property clusters."""
+    key = text_hash("categorize", STEP_VERSION, manifest.key, n_clusters, max_side, seed)
+    path = _out(cache_dir, "tables", f"properties-{key}", ".parquet")
+    if not path.exists():
+        table = datasets.property_table(manifest.table(), n_clusters=n_clusters, seed=seed,
+                                        max_side=max_side)
+        _write_table(table, path)
+    return Ref(str(path), key)
+
+
+# -- 2. patches, 3. normalization ------------------------------------------------------
+def patches_step(manifest: Ref, size: int | None, stride: int | None,
+                 min_mean_intensity: float, cache_dir: str) -> Ref:
+    key = text_hash("patches", STEP_VERSION, manifest.key, size, stride, min_mean_intensity)
+    path = _out(cache_dir, "patches", key, ".parquet")
+    if not path.exists():
+        _write_table(plan_patches(manifest.table(), size, stride, min_mean_intensity), path)
+    return Ref(str(path), key)
+
+
+def _category_rows(patches: Ref, category: str) -> pd.DataFrame:
+    table = patches.table()
+    return table[table["category"] == category].reset_index(drop=True)
+
+
+def _paths(manifest: Ref) -> dict[str, str]:
+    table = manifest.table()
+    return dict(zip(table["image_id"], table["path"]))
+
+
+def normalization_step(patches: Ref, manifest: Ref, category: str, mode: str) -> dict:
+    """Channel mean/std of the category's training patches (small: returned by value)."""
+    return normalization_stats(_category_rows(patches, category), _paths(manifest), mode)
+
+
+# -- 4. features -------------------------------------------------------------------
+def features_step(patches: Ref, manifest: Ref, category: str, features: dict, stats: dict,
+                  cache_dir: str, progress: bool = True) -> FeatureStoreRef:
+    rows = _category_rows(patches, category)
+    return extract_features(rows, manifest.table(), backbone=features["backbone"],
+                            layers=features["layers"], input_size=features["input_size"],
+                            mean=stats["mean"], std=stats["std"], cache_dir=cache_dir,
+                            batch_size=features["batch_size"], device=features["device"],
+                            progress=progress)
+
+
+def _patch_set(store: FeatureStoreRef, rows: pd.DataFrame, splits: tuple[str, ...],
+               manifest: Ref, input_size: int, stats: dict) -> PatchSet:
+    positions = np.flatnonzero(rows["split"].isin(splits).to_numpy())
+    return PatchSet(rows.iloc[positions].reset_index(drop=True), store, positions,
+                    _paths(manifest), input_size, tuple(stats["mean"]), tuple(stats["std"]))
+
+
+# -- 5. train, 6. score ------------------------------------------------------------
+def train_step(store: FeatureStoreRef, patches: Ref, manifest: Ref, category: str,
+               method: str, method_params: dict, input_size: int, stats: dict,
+               cache_dir: str) -> Ref:
+    """Fit one detector on the category's training patches and save it."""
+    key = text_hash("train", STEP_VERSION, store.key, category, method,
+                    json.dumps(method_params, sort_keys=True))
+    final = _out(cache_dir, "models", key)
+    if not final.exists():
+        rows = _category_rows(patches, category)
+        train = _patch_set(store, rows, ("train",), manifest, input_size, stats)
+        if len(train) == 0:
+            raise DefectflowError(f"category {category!r} has no training images")
+        detector_cls = METHODS[method]
+        detector = detector_cls(detector_cls.Params(**method_params)).fit(train)
+        partial = final.with_name(final.name + f".partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        detector.save(partial)
+        _finish_folder(partial, final)
+    return Ref(str(final), key)
+
+
+def score_step(model: Ref, store: FeatureStoreRef, patches: Ref, manifest: Ref,
+               category: str, method: str, input_size: int, stats: dict,
+               cache_dir: str) -> Ref:
+    """Scores and anomaly maps (float16) of the category's validation and test patches."""
+    key = text_hash("score", STEP_VERSION, model.key, store.key, category)
+    final = _out(cache_dir, "scores", key)
+    if not final.exists():
+        rows = _category_rows(patches, category)
+        batch = _patch_set(store, rows, ("val", "test"), manifest, input_size, stats)
+        detector = METHODS[method].load(model.path)
+        scores, maps = detector.score(batch)
+        partial = final.with_name(final.name + f".partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        table = batch.table.copy()
+        table["score"] = scores
+        table.to_parquet(partial / "scores.parquet", index=False)
+        np.save(partial / "anomaly_maps.npy", maps.astype(np.float16))
+        _finish_folder(partial, final)
+    return Ref(str(final), key)
+
+
+# -- 7. evaluate ----------------------------------------------------------------------
+def image_scores(patch_scores: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
+    """Image score = the maximum over its patches; one row per image."""
+    scores = patch_scores.groupby("image_id", sort=True)["score"].max().rename("score")
+    meta = manifest.set_index("image_id").loc[scores.index, ["split", "label", "defect_type"]]
+    return meta.join(scores).reset_index()
+
+
+def evaluate_step(scores: Ref, manifest: Ref, category: str, threshold_quantile: float,
+                  overlays: int, cache_dir: str) -> Ref:
+    """Metrics (image level, pixel level where masks exist), ROC plot, overlays, score table."""
+    key = text_hash("evaluate", STEP_VERSION, scores.key, threshold_quantile, overlays)
+    final = _out(cache_dir, "evaluations", key)
+    if final.exists():
+        return Ref(str(final), key)
+    partial = final.with_name(final.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    man = manifest.table()
+    patch_scores = pd.read_parquet(Path(scores.path) / "scores.parquet")
+    maps = np.load(Path(scores.path) / "anomaly_maps.npy", mmap_mode="r")
+    images = image_scores(patch_scores, man)
+    val = images[images["split"] == "val"]
+    test = images[images["split"] == "test"]
+    if test.empty:
+        raise DefectflowError(f"category {category!r} has no test images")
+    threshold = (evaluation.threshold_from_good(val["score"].to_numpy(), threshold_quantile)
+                 if len(val) else float("nan"))
+    labels, values = test["label"].to_numpy(), test["score"].to_numpy()
+    metrics = evaluation.image_metrics(labels, values, threshold)
+    metrics["threshold"] = threshold
+    metrics.update(n_test_images=len(test), n_test_defective=int(labels.sum()),
+                   n_val_images=len(val))
+
+    test_patches = patch_scores[patch_scores["split"] == "test"]
+    mask_paths = dict(zip(man["image_id"], man["mask_path"]))
+    sizes = dict(zip(man["image_id"], zip(man["height"], man["width"])))
+    with_masks = [i for i, r in enumerate(test_patches.itertuples(index=False))
+                  if isinstance(mask_paths.get(r.image_id), str)]
+    if with_masks:
+        positions = test_patches.index.to_numpy()
+        masks, pixel_maps = [], []
+        for i in with_masks:
+            row = test_patches.iloc[i]
+            masks.append(_mask_crop(row, mask_paths[row.image_id], sizes[row.image_id],
+                                    maps.shape[1:]))
+            pixel_maps.append(np.asarray(maps[positions[i]], dtype=np.float32))
+        metrics.update(evaluation.pixel_metrics(masks, pixel_maps))
+
+    (partial / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
+    evaluation.plot_roc(labels, values, partial / "roc.png", title=f"{category}: image ROC")
+    evaluation.score_table(test["image_id"].tolist(), labels, values, threshold).to_csv(
+        partial / "scores.csv", index=False)
+    _save_overlays(partial / "overlays", test, test_patches, maps, man, overlays)
+    _finish_folder(partial, final)
+    return Ref(str(final), key)
+
+
+def _mask_crop(row, mask_path: str, image_hw, map_hw) -> np.ndarray:
+    import cv2
+
+    mask = read_mask(mask_path, expected_hw=image_hw)
+    crop = mask[row.y:row.y + row.height, row.x:row.x + row.width].astype(np.uint8)
+    return cv2.resize(crop, (map_hw[1], map_hw[0]), interpolation=cv2.INTER_NEAREST) > 0
+
+
+def _save_overlays(folder: Path, test: pd.DataFrame, test_patches: pd.DataFrame,
+                   maps: np.ndarray, manifest: pd.DataFrame, count: int) -> None:
+    folder.mkdir()
+    if count <= 0:
+        return
+    man = manifest.set_index("image_id")
+    picks = evaluation.pick_overlay_examples(test["label"].to_numpy(), test["score"].to_numpy(),
+                                             n=count)
+    # One colour scale for every overlay, so that maps compare by eye.
+    peaks = np.asarray(maps[test_patches.index.to_numpy()], dtype=np.float32).max(axis=(1, 2))
+    vmax = float(np.quantile(peaks, 0.99))
+    for pick in picks:
+        image_id = test["image_id"].iloc[pick]
+        # The image's worst patch stands for it (the whole image when patches are images).
+        patches = test_patches[test_patches["image_id"] == image_id]
+        best = patches["score"].idxmax()
+        row = test_patches.loc[best]
+        info = man.loc[image_id]
+        image = read_image(info["path"])[row.y:row.y + row.height, row.x:row.x + row.width]
+        mask = None
+        if isinstance(info["mask_path"], str):
+            mask = read_mask(info["mask_path"], (info["height"], info["width"]))[
+                row.y:row.y + row.height, row.x:row.x + row.width]
+        name = image_id.replace("/", "_")
+        evaluation.save_overlay(image, mask, np.asarray(maps[best], dtype=np.float32),
+                                folder / f"{name}.png",
+                                title=f"{image_id}  score {row.score:.3f}", vmin=0, vmax=vmax)
+
+
+def device_name(device: str) -> str:
+    return resolve_device(device)

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny generated datasets and an isolated Prefect/MLflow environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+# Offline and quiet, before Prefect or MLflow are imported by any test module.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def textured_image(rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    """A 'good product': a regular stripe texture with mild noise (RGB uint8)."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    phase = rng.uniform(0, 2 * np.pi)
+    base = 120 + 40 * np.sin(xx / 3.0 + phase)
+    noisy = base + rng.normal(0, 6, size=(size, size))
+    gray = np.clip(noisy, 0, 255).astype(np.uint8)
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def add_defect(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A dark blob with a bright rim at a random place; returns (image, mask)."""
+    size = image.shape[0]
+    cx, cy = rng.integers(size // 4, 3 * size // 4, size=2)
+    radius = int(rng.integers(size // 10, size // 6))
+    out = image.copy()
+    mask = np.zeros(image.shape[:2], np.uint8)
+    cv2.circle(out, (int(cx), int(cy)), radius + 2, (250, 250, 250), -1)
+    cv2.circle(out, (int(cx), int(cy)), radius, (20, 20, 20), -1)
+    cv2.circle(mask, (int(cx), int(cy)), radius + 2, 255, -1)
+    return out, mask
+
+
+def make_folder_dataset(root: Path, n_good: int = 30, n_bad: int = 8, size: int = 64,
+                        seed: int = 0) -> Path:
+    """The generic layout: good/, scratch/ with masks/scratch/<stem>.png."""
+    rng = np.random.default_rng(seed)
+    (root / "good").mkdir(parents=True)
+    (root / "blob").mkdir()
+    (root / "masks" / "blob").mkdir(parents=True)
+    for i in range(n_good):
+        cv2.imwrite(str(root / "good" / f"g{i:03d}.png"), textured_image(rng, size))
+    for i in range(n_bad):
+        image, mask = add_defect(textured_image(rng, size), rng)
+        cv2.imwrite(str(root / "blob" / f"b{i:03d}.png"), image)
+        cv2.imwrite(str(root / "masks" / "blob" / f"b{i:03d}.png"), mask)
+    return root
+
+
+@pytest.fixture
+def folder_dataset(tmp_path: Path) -> Path:
+    return make_folder_dataset(tmp_path / "product")
