@@ -6,6 +6,7 @@ Bad input ends in one line naming the file and the problem (exit code 2).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -74,6 +75,22 @@ def print_summary(summary: dict) -> None:
           f"{'  (every step cached)' if summary['all_steps_cached'] else ''}")
 
 
+class _HideInputErrors(logging.Filter):
+    """Prefect logs a failed task's traceback; for bad input the CLI's one line says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from defectflow.tasks.errors import DefectflowError
+
+        if record.exc_info and isinstance(record.exc_info[1], DefectflowError):
+            return False
+        return "DefectflowError" not in record.getMessage()
+
+
+def _quiet_prefect_input_errors() -> None:
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(_HideInputErrors())
+
+
 def cmd_run(args) -> int:
     from defectflow.tasks.params import load_params
 
@@ -85,6 +102,7 @@ def cmd_run(args) -> int:
           f"methods {sorted(params.methods)}  (params: {path or 'built-in defaults'})", flush=True)
     from defectflow.flows.pipeline import pipeline
 
+    _quiet_prefect_input_errors()
     summary = pipeline(params, verbose=not args.quiet)
     print_summary(summary)
     print(f"total time: {time.perf_counter() - started:.1f} s")

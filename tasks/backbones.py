@@ -151,12 +151,11 @@ def load_backbone(name: str, layers: str | Sequence[str], device: str = "cpu") -
     if len(set(layers)) != len(layers):
         raise DefectflowError(f"layers {layers} for backbone {name!r} repeat a name")
 
-    stages = spec.stages(spec.build_classifier())
+    # On the device first: Backbone measures its outputs with a dummy forward.
+    stages = spec.stages(spec.build_classifier().to(device))
     deepest = max(spec.layers.index(layer) for layer in layers)
     last_stage = [stage_name for stage_name, _ in stages].index(spec.layers[deepest])
-    return Backbone(
-        name, stages[: last_stage + 1], layers, spec.input_mean, spec.input_std
-    ).to(device)
+    return Backbone(name, stages[: last_stage + 1], layers, spec.input_mean, spec.input_std)
 
 
 def torchvision_weights_path(name: str) -> Path:
@@ -207,13 +206,20 @@ def _lite0_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [("stem", stem)] + [(f"blocks.{i}", block) for i, block in enumerate(model.blocks)]
 
 
+_TORCHVISION_WEIGHTS = {
+    "resnet18": models.ResNet18_Weights,
+    "resnet50": models.ResNet50_Weights,
+    "wide_resnet50_2": models.Wide_ResNet50_2_Weights,
+}
+
+
 def _torchvision_weights_url(name: str) -> str:
-    weights = {
-        "resnet18": models.ResNet18_Weights,
-        "resnet50": models.ResNet50_Weights,
-        "wide_resnet50_2": models.Wide_ResNet50_2_Weights,
-    }[name]
-    return weights.IMAGENET1K_V1.url
+    if name not in _TORCHVISION_WEIGHTS:
+        raise DefectflowError(
+            f"{name!r} is not a torchvision backbone; choose from {list(_TORCHVISION_WEIGHTS)}"
+        )
+    # V1: the weights PatchCore and most anomaly-detection papers report with.
+    return _TORCHVISION_WEIGHTS[name].IMAGENET1K_V1.url
 
 
 def _torchvision_builder(name: str) -> Callable[[], nn.Module]:
@@ -263,7 +269,7 @@ _SPECS: dict[str, _Spec] = {
             input_mean=_IMAGENET_MEAN,
             input_std=_IMAGENET_STD,
         )
-        for name in ("resnet18", "resnet50", "wide_resnet50_2")
+        for name in _TORCHVISION_WEIGHTS
     },
 }
 

@@ -184,6 +184,8 @@ def scan_dataset(
     manifest = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, *extra_columns])
     integer_columns = ("label", "width", "height", "channels")
     manifest = manifest.astype({column: "int64" for column in integer_columns})
+    # Object dtype keeps missing masks as None (pandas' string dtype would turn them into NaN).
+    manifest["mask_path"] = pd.Series([row["mask_path"] for row in rows], dtype=object)
     manifest = manifest.sort_values("image_id", kind="stable").reset_index(drop=True)
     return ScanResult(manifest=manifest, skipped=skipped)
 
@@ -582,23 +584,23 @@ def property_table(
     _require_columns(manifest, ("image_id", "category", "path"))
     if n_clusters is not None and n_clusters < 1:
         raise DefectflowError(f"n_clusters must be at least 1, got {n_clusters}")
+
     def properties_of(path: str) -> tuple[float, float, float]:
         return image_properties(_downscale(read_image(path), max_side))
 
-    properties = _map_in_threads(properties_of, manifest["path"])
+    features = np.array(_map_in_threads(properties_of, manifest["path"]), dtype=np.float64)
+    features = features.reshape(-1, len(_PROPERTY_COLUMNS))  # keeps the shape when empty
     table = pd.DataFrame(
-        {
-            "image_id": manifest["image_id"].to_numpy(),
-            "category": manifest["category"].to_numpy(),
-            **dict(zip(_PROPERTY_COLUMNS, np.array(properties, dtype=np.float64).reshape(-1, 3).T)),
-        }
+        {"image_id": manifest["image_id"].to_numpy(), "category": manifest["category"].to_numpy()}
     )
-    features = table[list(_PROPERTY_COLUMNS)].to_numpy(dtype=np.float64)
+    table[list(_PROPERTY_COLUMNS)] = features
     table["property_cluster"] = _property_clusters(features, n_clusters, seed)
     return table
 
 
 def _property_clusters(features: np.ndarray, n_clusters: int | None, seed: int) -> np.ndarray:
+    """KMeans cluster of each row of ``features`` (see :func:`property_table`)."""
+    # Imported here: scikit-learn is slow to import and scanning never needs it.
     from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score
     from sklearn.preprocessing import StandardScaler

@@ -102,7 +102,7 @@ def open_store(cache_dir: str | Path, key: str) -> FeatureStoreRef | None:
 
 def extract_features(patch_table: pd.DataFrame, manifest: pd.DataFrame, *, backbone: str,
                      layers, input_size: int, mean, std, cache_dir: str | Path,
-                     batch_size: int = 32, device: str = "auto",
+                     batch_size: int = 8, device: str = "auto",
                      progress: bool = True) -> FeatureStoreRef:
     """Feature maps of every patch, computed once per key and streamed to disk."""
     from .backbones import load_backbone
@@ -116,7 +116,8 @@ def extract_features(patch_table: pd.DataFrame, manifest: pd.DataFrame, *, backb
         return found
 
     device = resolve_device(device)
-    model = load_backbone(backbone, layers, device=device)
+    # channels_last runs the depthwise convolutions of EfficientNet ~1.7x faster on CPU.
+    model = load_backbone(backbone, layers, device=device).to(memory_format=torch.channels_last)
     final = Path(cache_dir) / "features" / key
     partial = final.with_name(f"{key}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
@@ -127,7 +128,8 @@ def extract_features(patch_table: pd.DataFrame, manifest: pd.DataFrame, *, backb
     with torch.inference_mode():
         for positions, batch in iter_input_batches(patch_table, paths, input_size, mean, std,
                                                    batch_size):
-            feats = model(torch.from_numpy(batch).to(device))
+            inputs = torch.from_numpy(batch).to(device).contiguous(memory_format=torch.channels_last)
+            feats = model(inputs)
             for layer in layers:
                 fmap = feats[layer].to(torch.float16).cpu().numpy()
                 if layer not in outputs:

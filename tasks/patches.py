@@ -46,14 +46,16 @@ def patch_windows(width: int, height: int, patch_size: int | None,
 
 
 def _image_patches(row, patch_size, stride, min_mean_intensity) -> list[dict]:
-    image = read_image(row.path)
-    height, width = image.shape[:2]
+    width, height = int(row.width), int(row.height)
+    # A whole image is never filtered, so its pixels need not be read here.
+    image = read_image(row.path) if patch_size is not None else None
+    if image is not None and image.shape[:2] != (height, width):
+        raise DefectflowError("image changed on disk since the scan (size differs)", row.path)
     mask = None
     if isinstance(row.mask_path, str) and row.mask_path:
         mask = read_mask(row.mask_path, expected_hw=(height, width))
     records = []
     for x, y, w, h in patch_windows(width, height, patch_size, stride):
-        crop = image[y:y + h, x:x + w]
         if mask is not None:
             label = int(mask[y:y + h, x:x + w].any())
         else:
@@ -61,7 +63,8 @@ def _image_patches(row, patch_size, stride, min_mean_intensity) -> list[dict]:
             label = int(row.label)
         records.append(dict(image_id=row.image_id, category=row.category, split=row.split,
                             x=x, y=y, width=w, height=h, label=label,
-                            mean_intensity=float(crop.mean())))
+                            mean_intensity=float("nan") if image is None
+                            else float(image[y:y + h, x:x + w].mean())))
     if patch_size is not None:
         kept = [r for r in records if r["mean_intensity"] > min_mean_intensity]
         if not kept:

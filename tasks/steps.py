@@ -264,19 +264,7 @@ def evaluate_step(scores: Ref, manifest: Ref, category: str, threshold_quantile:
                    n_val_images=len(val))
 
     test_patches = patch_scores[patch_scores["split"] == "test"]
-    mask_paths = dict(zip(man["image_id"], man["mask_path"]))
-    sizes = dict(zip(man["image_id"], zip(man["height"], man["width"])))
-    with_masks = [i for i, r in enumerate(test_patches.itertuples(index=False))
-                  if isinstance(mask_paths.get(r.image_id), str)]
-    if with_masks:
-        positions = test_patches.index.to_numpy()
-        masks, pixel_maps = [], []
-        for i in with_masks:
-            row = test_patches.iloc[i]
-            masks.append(_mask_crop(row, mask_paths[row.image_id], sizes[row.image_id],
-                                    maps.shape[1:]))
-            pixel_maps.append(np.asarray(maps[positions[i]], dtype=np.float32))
-        metrics.update(evaluation.pixel_metrics(masks, pixel_maps))
+    metrics.update(_pixel_metrics(test_patches, maps, man))
 
     (partial / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
     evaluation.plot_roc(labels, values, partial / "roc.png", title=f"{category}: image ROC")
@@ -285,6 +273,26 @@ def evaluate_step(scores: Ref, manifest: Ref, category: str, threshold_quantile:
     _save_overlays(partial / "overlays", test, test_patches, maps, man, overlays)
     _finish_folder(partial, final)
     return Ref(str(final), key)
+
+
+def _pixel_metrics(test_patches: pd.DataFrame, maps: np.ndarray, manifest: pd.DataFrame) -> dict:
+    """Pixel AUROC/AUPR over the test patches, as on MVTec AD: good images count as all-normal
+    masks; defective images without a mask are left out (their defect is not located)."""
+    mask_paths = dict(zip(manifest["image_id"], manifest["mask_path"]))
+    if not any(isinstance(mask_paths.get(i), str) for i in test_patches["image_id"]):
+        return {}
+    sizes = dict(zip(manifest["image_id"], zip(manifest["height"], manifest["width"])))
+    masks, pixel_maps = [], []
+    for position, row in zip(test_patches.index, test_patches.itertuples(index=False)):
+        mask_path = mask_paths.get(row.image_id)
+        if isinstance(mask_path, str):
+            masks.append(_mask_crop(row, mask_path, sizes[row.image_id], maps.shape[1:]))
+        elif row.label == 0:
+            masks.append(None)
+        else:
+            continue
+        pixel_maps.append(np.asarray(maps[position], dtype=np.float32))
+    return evaluation.pixel_metrics(masks, pixel_maps)
 
 
 def _mask_crop(row, mask_path: str, image_hw, map_hw) -> np.ndarray:
