@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -15,6 +16,8 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# A private Prefect home per test session: its result cache never leaks between sessions.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="defectflow-prefect-")
 
 
 def textured_image(rng: np.random.Generator, size: int = 64) -> np.ndarray:

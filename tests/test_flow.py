@@ -1,0 +1,149 @@
+"""End to end: the CLI runs the Prefect flow on generated images, tracks it in MLflow,
+reuses every step on a rerun, and reports bad input in one line without losing anything."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from conftest import make_folder_dataset
+from defectflow.cli import main
+
+
+def write_params(tmp: Path, data: Path, **extra) -> Path:
+    params = {
+        "dataset": {"layout": "folder", "path": str(data), "name": "generated"},
+        "features": {"input_size": 64},
+        "methods": {"patchcore": {"coreset_ratio": 0.5}},
+        "evaluation": {"overlays": 2},
+        "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}"},
+        "cache_dir": str(tmp / "cache"),
+        **extra,
+    }
+    path = tmp / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("flow")
+    data = make_folder_dataset(tmp / "product", n_good=30, n_bad=8)
+    params = write_params(tmp, data)
+    return tmp, data, params
+
+
+def test_run_trains_evaluates_tracks_and_reruns_from_cache(first_run, capsys):
+    tmp, data, params = first_run
+    assert main(["run", str(params)]) == 0
+    out = capsys.readouterr().out
+    assert "image AUROC" in out and "product" in out and "total time:" in out
+    line = next(row for row in out.splitlines() if row.startswith("product "))
+    assert float(line.split()[2]) >= 0.95  # image AUROC of the generated defects
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("generated")
+    runs = client.search_runs([experiment.experiment_id])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    parents = [r for r in runs if not r.data.tags.get("mlflow.parentRunId")]
+    assert len(children) == 1 and len(parents) == 1
+    child = children[0]
+    assert {k: child.data.tags[k] for k in ("dataset", "category", "method", "backbone")} == {
+        "dataset": "generated", "category": "product", "method": "patchcore",
+        "backbone": "efficientnet_lite0"}
+    assert child.data.metrics["image_auroc"] >= 0.95
+    assert {"pixel_auroc", "f1_max", "precision", "recall", "accuracy", "tp", "fp", "tn", "fn",
+            "threshold"} <= set(child.data.metrics)
+    assert child.data.params["features.input_size"] == "64"
+    assert child.data.params["method.coreset_ratio"] == "0.5"
+    child_files = {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert {"roc.png", "metrics.json", "scores.csv", "overlays", "model"} <= child_files
+    assert {a.path for a in client.list_artifacts(child.info.run_id, "model")} >= {
+        "model/detector.json", "model/memory_bank.npy"}
+    assert len(client.list_artifacts(child.info.run_id, "overlays")) == 2
+    parent_files = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"manifest.parquet", "counts.csv", "categories.csv", "steps.csv"} <= parent_files
+
+    # The same run again: every step comes from the cache and a new parent run records it.
+    assert main(["run", str(params)]) == 0
+    out = capsys.readouterr().out
+    steps = [row for row in out.splitlines() if row.startswith("  ")]
+    assert steps and all(row.split()[-3] == "cached" for row in steps)
+    assert "every step cached" in out
+    parents = [r for r in client.search_runs([experiment.experiment_id])
+               if not r.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 2
+    del mlflow
+
+
+def test_corrupt_image_is_skipped_and_counted(first_run, capsys, tmp_path):
+    _, data, _ = first_run
+    copy = tmp_path / "product"
+    make_folder_dataset(copy, n_good=30, n_bad=8)
+    (copy / "good" / "g003.png").write_bytes(b"not a png at all")
+    params = write_params(tmp_path, copy)
+    with pytest.warns(UserWarning, match="g003.png"):
+        assert main(["run", str(params), "--quiet"]) == 0
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("generated")
+    parent = next(r for r in client.search_runs([experiment.experiment_id])
+                  if not r.data.tags.get("mlflow.parentRunId"))
+    assert parent.data.metrics["n_skipped_images"] == 1
+    assert "skipped_images.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("dataset.path=/nonexistent/product", "/nonexistent/product: dataset path not found"),
+    ("features.backbone=vgg99", "vgg99"),
+    ("features.layers=[blocks.2, layer9]", "layer9"),
+    ("features.bogus=1", "features.bogus: unknown key"),
+    ("patches.size=-4", "patches.size"),
+    ("methods.patchcore.coreset_ratio=2", "coreset_ratio"),
+])
+def test_bad_input_is_one_clear_line(first_run, capsys, override, expected):
+    tmp, _, params = first_run
+    assert main(["run", str(params), "--set", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("defectflow: error:") and expected in err[0]
+
+
+def test_unknown_key_in_params_file_names_the_file(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("dataset:\n  layout: elpv\n  colour: blue\n")
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(path) in err and "dataset.colour: unknown key" in err
+
+
+def test_mask_size_error_in_a_flow_run_is_one_line_and_loses_nothing(first_run, tmp_path):
+    tmp, data, params = first_run
+    cache_before = sorted(p.relative_to(tmp) for p in (tmp / "cache").rglob("*"))
+    bad = tmp_path / "product"
+    make_folder_dataset(bad, n_good=30, n_bad=8)
+    mask = next((bad / "masks" / "blob").glob("*.png"))
+    cv2.imwrite(str(mask), np.zeros((10, 12), np.uint8))
+    text = Path(params).read_text().replace(str(data), str(bad))
+    bad_params = tmp_path / "params.yaml"
+    bad_params.write_text(text)  # same cache and MLflow store as the good runs
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, "-m", "defectflow.cli", "run", str(bad_params),
+                             "--quiet"], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("defectflow: error:") and mask.name in last and "differs" in last
+    # Nothing that was cached before is gone.
+    cache_after = {p.relative_to(tmp) for p in (tmp / "cache").rglob("*")}
+    assert set(cache_before) <= cache_after
