@@ -42,7 +42,7 @@ def _greedy(points: torch.Tensor, count: int, start: int) -> np.ndarray:
 
 
 def greedy_coreset(features: np.ndarray, ratio: float, projection_dim: int = 128,
-                   chunk_size: int = 65536, seed: int = 0) -> np.ndarray:
+                   chunk_size: int = 16384, seed: int = 0) -> np.ndarray:
     """Indices (sorted) of a coreset with about ``ratio * N`` rows of ``features`` (N, D)."""
     total = features.shape[0]
     if total == 0:

@@ -28,7 +28,7 @@ class PatchCoreParams:
     layers: tuple[str, ...] = ("blocks.2", "blocks.4")
     coreset_ratio: float = 0.1
     projection_dim: int = 128          # JL projection used by the coreset selection only
-    coreset_chunk: int = 65536         # vectors per greedy chunk (memory and time bound)
+    coreset_chunk: int = 16384         # vectors per greedy chunk: bounds memory, time linear in N
     num_neighbors: int = 9             # b in the paper's image-score reweighting
     smoothing_sigma: float = 4.0       # Gaussian blur of the upsampled anomaly map
     seed: int = 0
