@@ -25,10 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import timm
 import torch
 from torch import nn
-from torchvision import models
 
 from .errors import DefectflowError
 
@@ -194,6 +192,8 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _build_lite0() -> nn.Module:
+    import timm  # imported when a model is built: a cached run never needs it
+
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     path = lite0_weights_path()
     load_state_dict_by_position(model, _read_state_dict(path), path)
@@ -207,9 +207,9 @@ def _lite0_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 _TORCHVISION_WEIGHTS = {
-    "resnet18": models.ResNet18_Weights,
-    "resnet50": models.ResNet50_Weights,
-    "wide_resnet50_2": models.Wide_ResNet50_2_Weights,
+    "resnet18": "ResNet18_Weights",
+    "resnet50": "ResNet50_Weights",
+    "wide_resnet50_2": "Wide_ResNet50_2_Weights",
 }
 
 
@@ -218,8 +218,10 @@ def _torchvision_weights_url(name: str) -> str:
         raise DefectflowError(
             f"{name!r} is not a torchvision backbone; choose from {list(_TORCHVISION_WEIGHTS)}"
         )
+    from torchvision import models  # imported on use: a cached run never needs it
+
     # V1: the weights PatchCore and most anomaly-detection papers report with.
-    return _TORCHVISION_WEIGHTS[name].IMAGENET1K_V1.url
+    return getattr(models, _TORCHVISION_WEIGHTS[name]).IMAGENET1K_V1.url
 
 
 def _torchvision_builder(name: str) -> Callable[[], nn.Module]:
@@ -233,6 +235,8 @@ def _torchvision_builder(name: str) -> Callable[[], nn.Module]:
                 "internet access), or use backbone 'efficientnet_lite0', which needs "
                 "no download"
             )
+        from torchvision import models
+
         model = getattr(models, name)(weights=None)
         try:
             model.load_state_dict(_read_state_dict(path))

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import datasets, evaluation
 from .errors import DefectflowError
 from .features import FeatureStoreRef, extract_features, resolve_device
 from .images import read_image, read_mask, text_hash
@@ -26,6 +25,8 @@ from .methods import METHODS, PatchSet
 from .normalization import normalization_stats
 from .patches import plan_patches
 
+# datasets and evaluation (scikit-learn, matplotlib) are imported inside the steps that use
+# them: a rerun whose steps all come from cache then never pays for those imports.
 STEP_VERSION = "1"  # bump when a step's output format or meaning changes
 
 
@@ -99,6 +100,8 @@ def source_fingerprint(layout: str, path: str | None) -> str:
 
 def scan_step(dataset: dict, fingerprint: str, cache_dir: str) -> ScanResult:
     """Manifest (with validation hold-out) and count table of a data source."""
+    from . import datasets
+
     # The dataset's display name does not change the manifest: keep it out of the key.
     relevant = {k: v for k, v in dataset.items() if k != "name"}
     key = text_hash("scan", STEP_VERSION, fingerprint, json.dumps(relevant, sort_keys=True))
@@ -133,6 +136,8 @@ def scan_step(dataset: dict, fingerprint: str, cache_dir: str) -> ScanResult:
 def categorize_step(manifest: Ref, n_clusters: int | None, max_side: int, seed: int,
                     cache_dir: str) -> Ref:
     """Image-property table (brightness, colourfulness, edge density) and property clusters."""
+    from . import datasets
+
     key = text_hash("categorize", STEP_VERSION, manifest.key, n_clusters, max_side, seed)
     path = _out(cache_dir, "tables", f"properties-{key}", ".parquet")
     if not path.exists():
@@ -240,6 +245,8 @@ def image_scores(patch_scores: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataF
 def evaluate_step(scores: Ref, manifest: Ref, category: str, threshold_quantile: float,
                   overlays: int, cache_dir: str) -> Ref:
     """Metrics (image level, pixel level where masks exist), ROC plot, overlays, score table."""
+    from . import evaluation
+
     key = text_hash("evaluate", STEP_VERSION, scores.key, threshold_quantile, overlays)
     final = _out(cache_dir, "evaluations", key)
     if final.exists():
@@ -278,6 +285,8 @@ def evaluate_step(scores: Ref, manifest: Ref, category: str, threshold_quantile:
 def _pixel_metrics(test_patches: pd.DataFrame, maps: np.ndarray, manifest: pd.DataFrame) -> dict:
     """Pixel AUROC/AUPR over the test patches, as on MVTec AD: good images count as all-normal
     masks; defective images without a mask are left out (their defect is not located)."""
+    from . import evaluation
+
     mask_paths = dict(zip(manifest["image_id"], manifest["mask_path"]))
     if not any(isinstance(mask_paths.get(i), str) for i in test_patches["image_id"]):
         return {}
@@ -305,6 +314,8 @@ def _mask_crop(row, mask_path: str, image_hw, map_hw) -> np.ndarray:
 
 def _save_overlays(folder: Path, test: pd.DataFrame, test_patches: pd.DataFrame,
                    maps: np.ndarray, manifest: pd.DataFrame, count: int) -> None:
+    from . import evaluation
+
     folder.mkdir()
     if count <= 0:
         return
