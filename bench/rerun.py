@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def timed_run(params: str, overrides: list[str], env: dict) -> tuple[float, str]:
-    command = [sys.executable, "-m", "defectflow.cli", "run", params, "--quiet"]
+    command = [sys.executable, "-m", "defectflow.cli", "run", params]
     for item in overrides:
         command += ["--set", item]
     start = time.perf_counter()
@@ -79,6 +79,10 @@ def measure(mode: str, params: str, extra: list[str]) -> tuple[float, float, str
             if server is not None:
                 server.terminate()
                 server.wait(timeout=30)
+    recomputed = [line.strip() for line in cached_out.splitlines()
+                  if line.startswith("  ") and " ran " in line]
+    for line in recomputed:
+        print(f"[{mode}] not from cache on the rerun: {line}")
     return cold, cached, cold_out, "every step cached" in cached_out
 
 

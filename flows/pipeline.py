@@ -88,9 +88,11 @@ def pipeline(params: PipelineParams, verbose: bool = True) -> dict:
             resolved = {k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}
             where = f"[{category} / {method}]"
             model = log.run(f"train {where}", train, store, patches, scanned.manifest, category,
-                            method, resolved, p.features.input_size, stats, cache)
+                            method, resolved, p.features.input_size, stats, cache,
+                            p.features.device)
             scores = log.run(f"score {where}", score, model, store, patches, scanned.manifest,
-                             category, method, p.features.input_size, stats, cache)
+                             category, method, p.features.input_size, stats, cache,
+                             p.features.device)
             evaluated = log.run(f"evaluate {where}", evaluate, scores, scanned.manifest,
                                 category, p.evaluation.threshold_quantile,
                                 p.evaluation.overlays, cache)

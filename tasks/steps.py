@@ -183,44 +183,76 @@ def features_step(patches: Ref, manifest: Ref, category: str, features: dict, st
                             progress=progress)
 
 
-def _patch_set(store: FeatureStoreRef, rows: pd.DataFrame, splits: tuple[str, ...],
-               manifest: Ref, input_size: int, stats: dict) -> PatchSet:
-    positions = np.flatnonzero(rows["split"].isin(splits).to_numpy())
+def _patch_set(store: FeatureStoreRef | None, rows: pd.DataFrame, selected: np.ndarray,
+               manifest: Ref, input_size: int, stats: dict, device: str = "cpu") -> PatchSet:
+    """The rows of ``rows`` where ``selected`` is True, as a detector's input."""
+    positions = np.flatnonzero(selected)
     return PatchSet(rows.iloc[positions].reset_index(drop=True), store, positions,
-                    _paths(manifest), input_size, tuple(stats["mean"]), tuple(stats["std"]))
+                    _paths(manifest), input_size, tuple(stats["mean"]), tuple(stats["std"]),
+                    device=resolve_device(device))
+
+
+def labelled_defects(manifest: pd.DataFrame, category: str, count: int, seed: int) -> list[str]:
+    """Image ids of ``count`` defective test images of a category (seeded), for methods that
+    train on a few labelled defects; they are then never scored in those methods' evaluation.
+    At most half of the category's defective test images are taken, so some remain to test."""
+    defective = manifest[(manifest["category"] == category) & (manifest["split"] == "test")
+                         & (manifest["label"] == 1)]["image_id"].sort_values().to_numpy()
+    count = min(count, len(defective) // 2)
+    if count <= 0:
+        return []
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(defective, size=count, replace=False).tolist())
 
 
 # -- 5. train, 6. score ------------------------------------------------------------
 def train_step(store: FeatureStoreRef, patches: Ref, manifest: Ref, category: str,
                method: str, method_params: dict, input_size: int, stats: dict,
-               cache_dir: str) -> Ref:
-    """Fit one detector on the category's training patches and save it."""
+               cache_dir: str, device: str = "auto") -> Ref:
+    """Fit one detector on the category's training patches and save it.
+
+    A method that needs labelled defects also gets the patches of a few
+    defective test images (listed in ``train_defects.json`` beside the model).
+    """
     key = text_hash("train", STEP_VERSION, store.key, category, method,
                     json.dumps(method_params, sort_keys=True))
     final = _out(cache_dir, "models", key)
     if not final.exists():
         rows = _category_rows(patches, category)
-        train = _patch_set(store, rows, ("train",), manifest, input_size, stats)
-        if len(train) == 0:
-            raise DefectflowError(f"category {category!r} has no training images")
         detector_cls = METHODS[method]
-        detector = detector_cls(detector_cls.Params(**method_params)).fit(train)
+        detector = detector_cls(detector_cls.Params(**method_params))
+        selected = (rows["split"] == "train").to_numpy()
+        defects: list[str] = []
+        if detector_cls.needs_labelled_defects:
+            defects = labelled_defects(manifest.table(), category,
+                                       method_params.get("n_defective", 0),
+                                       method_params.get("seed", 0))
+            selected |= rows["image_id"].isin(defects).to_numpy()
+        train = _patch_set(store, rows, selected, manifest, input_size, stats, device)
+        if not (train.table["split"] == "train").any():
+            raise DefectflowError(f"category {category!r} has no training images")
+        detector.fit(train)
         partial = final.with_name(final.name + f".partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
         detector.save(partial)
+        (partial / "train_defects.json").write_text(json.dumps(defects))
         _finish_folder(partial, final)
     return Ref(str(final), key)
 
 
 def score_step(model: Ref, store: FeatureStoreRef, patches: Ref, manifest: Ref,
                category: str, method: str, input_size: int, stats: dict,
-               cache_dir: str) -> Ref:
-    """Scores and anomaly maps (float16) of the category's validation and test patches."""
+               cache_dir: str, device: str = "auto") -> Ref:
+    """Scores and anomaly maps (float16) of the category's validation and test patches,
+    leaving out any image the detector trained on."""
     key = text_hash("score", STEP_VERSION, model.key, store.key, category)
     final = _out(cache_dir, "scores", key)
     if not final.exists():
         rows = _category_rows(patches, category)
-        batch = _patch_set(store, rows, ("val", "test"), manifest, input_size, stats)
+        trained_on = json.loads((Path(model.path) / "train_defects.json").read_text())
+        selected = (rows["split"].isin(["val", "test"])
+                    & ~rows["image_id"].isin(trained_on)).to_numpy()
+        batch = _patch_set(store, rows, selected, manifest, input_size, stats, device)
         detector = METHODS[method].load(model.path)
         scores, maps = detector.score(batch)
         partial = final.with_name(final.name + f".partial-{os.getpid()}")

@@ -151,6 +151,11 @@ def record_pipeline(params, scanned, properties, results: list[dict], step_rows:
             child = tracker.start_child(f"{result['category']}-{result['method']}",
                                         child_params, tags)
             tracker.log_metrics(child, metrics)
+            history_path = Path(result["model"].path) / "history.json"
+            if history_path.is_file():  # training curves: one metric per epoch, by step
+                for name, values in json.loads(history_path.read_text()).items():
+                    for step, value in enumerate(values):
+                        tracker.log_metrics(child, {name: value}, step=step)
             evaluation = Path(result["evaluation"].path)
             for name in ("metrics.json", "roc.png", "scores.csv"):
                 tracker.log_file(child, evaluation / name)

@@ -37,6 +37,13 @@ class PatchSet:
     input_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    device: str = "cpu"     # where methods that train a network run ("cpu" or "cuda")
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Patch labels (0 good, 1 defective); training sets are all 0 unless a method
+        asks for labelled defects (``Detector.needs_labelled_defects``)."""
+        return self.table["label"].to_numpy()
 
     def __len__(self) -> int:
         return len(self.table)
@@ -61,13 +68,23 @@ class PatchSet:
 
 
 class Detector:
-    """Base class: parameters as a dataclass, saved as JSON beside the fitted state."""
+    """Base class: parameters as a dataclass, saved as JSON beside the fitted state.
+
+    ``needs_labelled_defects``: the method trains on good images plus a few
+    labelled defective ones; the pipeline then draws ``params.n_defective``
+    defective test images (seeded) into its training set and never scores
+    them in its evaluation. ``history`` holds per-epoch training curves
+    (``{"train_loss": [...], ...}``), saved as ``history.json`` and logged to
+    MLflow as metrics by step.
+    """
 
     name: ClassVar[str]
     Params: ClassVar[type]
+    needs_labelled_defects: ClassVar[bool] = False
 
     def __init__(self, params: Any = None):
         self.params = params if params is not None else self.Params()
+        self.history: dict[str, list[float]] = {}
 
     def fit(self, train: PatchSet) -> "Detector":
         raise NotImplementedError
@@ -81,6 +98,8 @@ class Detector:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "detector.json").write_text(json.dumps(
             {"method": self.name, "params": dataclasses.asdict(self.params)}, indent=1))
+        if self.history:
+            (directory / "history.json").write_text(json.dumps(self.history))
         self._save_state(directory)
         return directory
 
@@ -89,6 +108,8 @@ class Detector:
         directory = Path(directory)
         meta = json.loads((directory / "detector.json").read_text())
         detector = cls(cls.Params(**meta["params"]))
+        if (directory / "history.json").is_file():
+            detector.history = json.loads((directory / "history.json").read_text())
         detector._load_state(directory)
         return detector
 
