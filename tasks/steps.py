@@ -27,7 +27,8 @@ from .patches import plan_patches
 
 # datasets and evaluation (scikit-learn, matplotlib) are imported inside the steps that use
 # them: a rerun whose steps all come from cache then never pays for those imports.
-STEP_VERSION = "1"  # bump when a step's output format or meaning changes
+STEP_VERSION = "1"
+SCORE_PIECE = 512  # patches scored per call: bounds the anomaly maps held in memory  # bump when a step's output format or meaning changes
 
 
 @dataclass(frozen=True)
@@ -254,14 +255,23 @@ def score_step(model: Ref, store: FeatureStoreRef, patches: Ref, manifest: Ref,
                     & ~rows["image_id"].isin(trained_on)).to_numpy()
         batch = _patch_set(store, rows, selected, manifest, input_size, stats, device)
         detector = METHODS[method].load(model.path)
-        scores, maps = detector.score(batch)
         partial = final.with_name(final.name + f".partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
+        # Scored in pieces and streamed to disk: memory stays bounded for any number of patches.
+        size = batch.input_size
+        maps = np.lib.format.open_memmap(partial / "anomaly_maps.npy", mode="w+",
+                                         dtype=np.float16, shape=(len(batch), size, size))
+        scores = np.zeros(len(batch), dtype=np.float32)
+        for start in range(0, len(batch), SCORE_PIECE):
+            part = slice(start, min(start + SCORE_PIECE, len(batch)))
+            scores[part], piece_maps = detector.score(batch.subset(part))
+            maps[part] = piece_maps.astype(np.float16)
+        maps.flush()
+        del maps
         table = batch.table.copy()
         table["score"] = scores
         table.to_parquet(partial / "scores.parquet", index=False)
-        np.save(partial / "anomaly_maps.npy", maps.astype(np.float16))
         _finish_folder(partial, final)
     return Ref(str(final), key)
 

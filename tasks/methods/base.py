@@ -48,6 +48,11 @@ class PatchSet:
     def __len__(self) -> int:
         return len(self.table)
 
+    def subset(self, part: slice) -> "PatchSet":
+        """A contiguous part of this set (the scoring step scores in bounded pieces)."""
+        return dataclasses.replace(self, table=self.table.iloc[part].reset_index(drop=True),
+                                   positions=self.positions[part])
+
     def feature_chunks(self, layers, chunk_size: int = 256
                        ) -> Iterator[tuple[slice, dict[str, np.ndarray]]]:
         """(slice into this set, {layer: float32 (n, C, h, w)}) in bounded-memory chunks."""

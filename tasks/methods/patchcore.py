@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from ..coreset import greedy_coreset
+from ..coreset import StreamingCoreset
 from .base import Detector, PatchSet
 
 
@@ -68,14 +68,15 @@ class PatchCore(Detector):
 
     # -- fitting ---------------------------------------------------------------
     def fit(self, train: PatchSet) -> "PatchCore":
-        chunks = []
-        for _, maps in train.feature_chunks(self.params.layers):
+        # The bank streams through the chunked coreset as it is embedded: memory holds one
+        # chunk plus the selected rows, never the whole bank (issue: 146M vectors at stride 112).
+        coreset = StreamingCoreset(self.params.coreset_ratio, self.params.projection_dim,
+                                   self.params.coreset_chunk, self.params.seed)
+        for _, maps in train.feature_chunks(self.params.layers, chunk_size=64):
             feats = embed(maps, self.params.layers)
-            chunks.append(feats.reshape(-1, feats.shape[-1]).numpy())
-        bank = np.concatenate(chunks)
-        keep = greedy_coreset(bank, self.params.coreset_ratio, self.params.projection_dim,
-                              self.params.coreset_chunk, self.params.seed)
-        self.memory_bank = np.ascontiguousarray(bank[keep], dtype=np.float32)
+            coreset.add(feats.reshape(-1, feats.shape[-1]).numpy())
+        self.memory_bank = coreset.finish()
+        self.bank_vectors_seen = coreset.seen
         self._index = None
         return self
 
