@@ -21,14 +21,33 @@ Layouts (the ``layout`` argument of :func:`scan_dataset`):
 ``folder``
     A generic folder: ``good/*`` and one folder of images per defect type,
     masks optionally in ``masks/<defect_type>/`` or ``masks/``.
+``large``
+    Large production images (kitchen-board thesis, section 3.2.3):
+    ``<category>/train/*`` (good), ``<category>/test/*`` with a ground-truth
+    mask beside each test image, ``<stem>_groundtruth.png`` or
+    ``<stem>groundtruth.png`` (a missing one is an error). A test image is
+    defective (defect type "defect") when its mask has any positive pixel,
+    else "good". An optional ``<category>/annotations.json`` (thesis format,
+    see ``annotations.py``) gives active areas and excluded regions; its path
+    is every row's ``annotation_path``. The split comes from the folders.
+``bsdata``
+    BSData (ball-screw drive surfaces): ``data/*.jpg``, LabelMe polygons in
+    ``label/<stem>.json``, the authors' split in ``image_data.json``. Images
+    with a label file are defective ("pitting"); their polygons are written
+    once as PNG masks under ``materialize_dir/bsdata/masks/``. See
+    :func:`_bsdata_candidates` for the split.
 
-Outside MVTec AD the split is drawn: a seeded ``train_fraction`` of each
-category's good images is "train", the rest of the good images and all
+Outside MVTec AD and ``large`` the split is drawn: a seeded ``train_fraction``
+of each category's good images is "train", the rest of the good images and all
 defective images are "test".
+
+Every manifest has an ``annotation_path`` column: the thesis annotation file
+that applies to the image, or None (all layouts but ``large``).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -43,10 +62,11 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from .annotations import check_annotation, labelme_mask, load_annotations
 from .errors import DefectflowError
 from .images import IMAGE_SUFFIXES, file_hash, image_header, read_image, read_mask, text_hash
 
-LAYOUTS = ("mvtec", "elpv", "magnetic_tile", "folder")
+LAYOUTS = ("mvtec", "elpv", "magnetic_tile", "folder", "large", "bsdata")
 
 MANIFEST_COLUMNS = (
     "image_id",
@@ -60,6 +80,7 @@ MANIFEST_COLUMNS = (
     "height",
     "channels",
     "content_hash",
+    "annotation_path",
 )
 
 T = TypeVar("T")
@@ -67,6 +88,9 @@ R = TypeVar("R")
 
 GOOD = "good"
 MASK_SUFFIX = ".png"
+DEFECT = "defect"  # the defect type of a "large" test image whose mask is not empty
+GROUNDTRUTH_SUFFIX = "groundtruth.png"  # "large" layout masks: <stem>[_]groundtruth.png
+ANNOTATION_FILE = "annotations.json"
 
 # The order in which count tables list splits: the order the pipeline uses them.
 _SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
@@ -96,6 +120,8 @@ class _Candidate:
     mask_path: Path | None = None
     split: str | None = None  # None: drawn later from train_fraction
     extra: dict[str, object] = field(default_factory=dict)
+    annotation_path: Path | None = None
+    label_from_mask: bool = False  # label (and defect type) from whether the mask is empty
 
 
 # --------------------------------------------------------------------------- scanning
@@ -126,19 +152,21 @@ def scan_dataset(
             (in (0, 1]); the other good images and all defective images are
             "test". When a category has at least two good images and the
             fraction is below 1, at least one lands on each side. Not used
-            for ``mvtec``, whose folders give the split.
+            for ``mvtec`` and ``large``, whose folders give the split.
         seed: seed of the train/test draw (an integer >= 0). The same files
             and seed give the same manifest; each category is drawn from its
             own generator, so adding a category does not reshuffle another.
         materialize_dir: where ``elpv`` writes its images as PNG files,
-            under ``elpv/<category>/<index>.png``. A file already holding
-            the same pixels is left alone, so its content hash stays stable.
+            under ``elpv/<category>/<index>.png``, and ``bsdata`` its masks,
+            under ``bsdata/masks/<stem>.png``. A file already holding the
+            same pixels is left alone, so its content hash stays stable.
 
     Returns:
         A :class:`ScanResult`. The manifest columns are ``MANIFEST_COLUMNS``
-        (``elpv`` adds ``defect_probability``). Masks are looked up for
-        defective images only, except for ``magnetic_tile``, which keeps
-        the mask of every image that has one (MT_Free's are all black).
+        (``elpv`` adds ``defect_probability``, ``bsdata`` ``authors_split``).
+        Masks are looked up for defective images only, except for
+        ``magnetic_tile`` and ``large``, which keep the mask of every image
+        that has one (MT_Free's are all black).
 
     Corrupt or unreadable image files are *skipped*: each one raises a
     ``UserWarning`` naming the file and is listed in ``ScanResult.skipped``
@@ -148,7 +176,8 @@ def scan_dataset(
         DefectflowError: naming the path, when the source folder is missing,
             the layout is unknown, the layout's expected folders are absent,
             no usable image is left, a mask cannot be read, or a mask's size
-            differs from its image's (checked here, so it surfaces early).
+            differs from its image's (checked here, so it surfaces early),
+            or an annotation file is malformed or has a box outside its image.
     """
     if layout not in LAYOUTS:
         raise DefectflowError(
@@ -172,20 +201,31 @@ def scan_dataset(
             "mvtec": _mvtec_candidates,
             "magnetic_tile": _magnetic_tile_candidates,
             "folder": _folder_candidates,
+            "large": _large_candidates,
         }
-        candidates = readers[layout](root, category)
+        if layout == "bsdata":
+            masks = Path(materialize_dir).expanduser().resolve() / "bsdata" / "masks"
+            candidates = _bsdata_candidates(root, category, masks, train_fraction, seed)
+        else:
+            candidates = readers[layout](root, category)
 
     rows, skipped = _read_candidates(candidates)
     if not rows:
         raise DefectflowError(f"no usable images found for the {layout!r} layout", root)
+    _check_annotations(rows)
     _draw_train_split(rows, train_fraction, seed)
 
     extra_columns = sorted({key for row in rows for key in row} - set(MANIFEST_COLUMNS))
     manifest = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, *extra_columns])
     integer_columns = ("label", "width", "height", "channels")
     manifest = manifest.astype({column: "int64" for column in integer_columns})
-    # Object dtype keeps missing masks as None (pandas' string dtype would turn them into NaN).
-    manifest["mask_path"] = pd.Series([row["mask_path"] for row in rows], dtype=object)
+    # Object dtype keeps missing paths as None (pandas' string dtype would turn them into NaN).
+    text_columns = ["mask_path", "annotation_path"] + [
+        column for column in extra_columns
+        if all(isinstance(row.get(column), (str, type(None))) for row in rows)
+    ]
+    for column in text_columns:
+        manifest[column] = pd.Series([row.get(column) for row in rows], dtype=object)
     manifest = manifest.sort_values("image_id", kind="stable").reset_index(drop=True)
     return ScanResult(manifest=manifest, skipped=skipped)
 
@@ -212,23 +252,59 @@ def _inspect_candidate(candidate: _Candidate) -> tuple[dict | None, str | None]:
         width, height, channels = image_header(candidate.path)
     except (DefectflowError, OSError) as error:
         return None, error.problem if isinstance(error, DefectflowError) else str(error)
+    label, defect_type = candidate.label, candidate.defect_type
     if candidate.mask_path is not None:
-        read_mask(candidate.mask_path, expected_hw=(height, width))  # raises, naming the mask file
+        # Raises, naming the mask file.
+        mask = read_mask(candidate.mask_path, expected_hw=(height, width))
+        if candidate.label_from_mask:
+            label = int(mask.any())
+            defect_type = DEFECT if label else GOOD
     row = {
         "image_id": candidate.image_id,
         "path": str(candidate.path),
         "split": candidate.split,
-        "label": candidate.label,
-        "defect_type": candidate.defect_type,
+        "label": label,
+        "defect_type": defect_type,
         "mask_path": None if candidate.mask_path is None else str(candidate.mask_path),
         "category": candidate.category,
         "width": width,
         "height": height,
         "channels": channels,
         "content_hash": file_hash(candidate.path),
+        "annotation_path": (
+            None if candidate.annotation_path is None else str(candidate.annotation_path)
+        ),
         **candidate.extra,
     }
     return row, None
+
+
+def _check_annotations(rows: list[dict]) -> None:
+    """Load each annotation file once and check its boxes against the images' sizes.
+
+    An entry that names no scanned image of the file's category is most likely
+    a typo, which would leave that image unannotated: it is warned about.
+    """
+    by_file: dict[str, list[dict]] = {}
+    for row in rows:
+        if row.get("annotation_path"):
+            by_file.setdefault(row["annotation_path"], []).append(row)
+    for json_path, file_rows in by_file.items():
+        annotations = load_annotations(json_path)
+        names = set()
+        for row in file_rows:
+            name = Path(row["path"]).name
+            names.add(name)
+            if name in annotations:
+                check_annotation(annotations[name], row["width"], row["height"], json_path, name)
+        unmatched = sorted(set(annotations) - names)
+        if unmatched:
+            shown = ", ".join(unmatched[:5]) + (" ..." if len(unmatched) > 5 else "")
+            warnings.warn(
+                f"{json_path}: {len(unmatched)} annotation entries name no scanned image: {shown}",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def _map_in_threads(function: Callable[[T], R], items: Iterable[T]) -> list[R]:
@@ -312,28 +388,31 @@ def _find_mask(stem: str, folders: list[Path], names: tuple[str, ...]) -> Path |
     return None
 
 
-def _mvtec_candidates(root: Path, category: str | None) -> list[_Candidate]:
+def _category_folders(root: Path, category: str | None, expected: str) -> list[tuple[str, Path]]:
+    """(category name, folder) of one category folder (it holds ``train/``) or of a folder
+    of category folders; ``category`` selects one of several, or names the single one."""
     if (root / "train").is_dir():  # one category folder
-        category_dirs = [(category or root.name, root)]
-    else:
-        found = [path for path in _subfolders(root) if (path / "train").is_dir()]
-        if not found:
+        return [(category or root.name, root)]
+    found = [path for path in _subfolders(root) if (path / "train").is_dir()]
+    if not found:
+        raise DefectflowError(f"no {expected} in this folder", root)
+    if category is not None:
+        selected = [path for path in found if path.name == category]
+        if not selected:
+            names = ", ".join(path.name for path in found)
             raise DefectflowError(
-                "no MVTec AD category found: expected <category>/train/good/ "
-                "or train/good/ in this folder",
-                root,
+                f"category {category!r} not found; categories here: {names}", root
             )
-        if category is not None:
-            found = [path for path in found if path.name == category]
-            if not found:
-                names = ", ".join(
-                    path.name for path in _subfolders(root) if (path / "train").is_dir()
-                )
-                raise DefectflowError(
-                    f"category {category!r} not found; categories here: {names}", root
-                )
-        category_dirs = [(path.name, path) for path in found]
+        found = selected
+    return [(path.name, path) for path in found]
 
+
+def _mvtec_candidates(root: Path, category: str | None) -> list[_Candidate]:
+    category_dirs = _category_folders(
+        root,
+        category,
+        "MVTec AD category found: expected <category>/train/good/ or train/good/",
+    )
     candidates = []
     for name, folder in category_dirs:
         train_good = folder / "train" / GOOD
@@ -407,6 +486,151 @@ def _folder_candidates(root: Path, category: str | None) -> list[_Candidate]:
             image_id = f"{category}/{defect_type}/{stem}"
             candidates.append(_Candidate(image_id, path, label, defect_type, category, mask))
     return candidates
+
+
+def _is_groundtruth(path: Path) -> bool:
+    return path.name.lower().endswith(GROUNDTRUTH_SUFFIX)
+
+
+def _large_candidates(root: Path, category: str | None) -> list[_Candidate]:
+    category_dirs = _category_folders(
+        root, category, "category found: expected <category>/train/ or train/"
+    )
+    mask_names = (f"{{stem}}_{GROUNDTRUTH_SUFFIX}", f"{{stem}}{GROUNDTRUTH_SUFFIX}")
+    candidates = []
+    for name, folder in category_dirs:
+        annotation = folder / ANNOTATION_FILE
+        annotation_path = annotation if annotation.is_file() else None
+        for split in ("train", "test"):
+            split_folder = folder / split
+            if not split_folder.is_dir():
+                continue
+            for stem, path in _image_files(split_folder):
+                if _is_groundtruth(path):  # a mask, not an image
+                    continue
+                image_id = f"{name}/{split}/{stem}"
+                if split == "train":
+                    candidates.append(
+                        _Candidate(image_id, path, 0, GOOD, name, split="train",
+                                   annotation_path=annotation_path)
+                    )
+                    continue
+                mask = _find_mask(path.stem, [split_folder], mask_names)
+                if mask is None:
+                    raise DefectflowError(
+                        "test image has no ground-truth mask (expected "
+                        f"{mask_names[0].format(stem=path.stem)} or "
+                        f"{mask_names[1].format(stem=path.stem)} beside it)",
+                        path,
+                    )
+                candidates.append(
+                    _Candidate(image_id, path, 0, GOOD, name, mask, split="test",
+                               annotation_path=annotation_path, label_from_mask=True)
+                )
+    return candidates
+
+
+BSDATA_DEFECT = "pitting"
+BSDATA_CATEGORY = "bsdata"
+
+
+def _bsdata_candidates(
+    root: Path, category: str | None, mask_folder: Path, train_fraction: float, seed: int
+) -> list[_Candidate]:
+    """BSData: ``data/*.jpg``; an image with a ``label/<stem>.json`` (LabelMe) is defective.
+
+    Split. The pipeline fits on good images only, so every defective image is
+    "test", including those the authors' ``image_data.json`` puts in "train"
+    (it splits for supervised segmentation). Good images follow the authors'
+    split when the file gives every good image "train" or "test"; otherwise
+    (the published file gives good images no split) a seeded ``train_fraction``
+    of them is "train" and the rest "test". The authors' split is kept in the
+    ``authors_split`` column. Only the top level of ``data/`` is read (the
+    published ``data/BSD/test/`` repeats one image).
+    """
+    data = root / "data"
+    if not data.is_dir():
+        raise DefectflowError(
+            "no data/ folder (the bsdata layout expects data/*.jpg, label/<stem>.json and "
+            "image_data.json)",
+            root,
+        )
+    category = category or BSDATA_CATEGORY
+    labels = root / "label"
+    authors = _bsdata_authors_split(root / "image_data.json")
+    images = _image_files(data)
+
+    def materialize_mask(image: tuple[str, Path]) -> Path | None:
+        path = image[1]
+        label_file = labels / f"{path.stem}.json"
+        if not label_file.is_file():
+            return None
+        size = _image_size(path)
+        if size is None:  # unreadable: the scan skips it, its label does not matter
+            return None
+        mask = labelme_mask(label_file, *size)
+        if not mask.any():  # a label file without shapes marks no defect
+            return None
+        mask_path = mask_folder / f"{path.stem}.png"
+        _write_png_once(mask_path, mask.astype(np.uint8) * 255)
+        return mask_path
+
+    masks = _map_in_threads(materialize_mask, images)
+    good_names = [path.name for (_, path), mask in zip(images, masks) if mask is None]
+    authors_split_good = all(authors.get(name) in ("train", "test") for name in good_names)
+
+    candidates = []
+    for (stem, path), mask in zip(images, masks):
+        authors_split = authors.get(path.name)
+        extra = {"authors_split": authors_split}
+        if mask is not None:
+            candidates.append(
+                _Candidate(f"{category}/{BSDATA_DEFECT}/{stem}", path, 1, BSDATA_DEFECT,
+                           category, mask, split="test", extra=extra)
+            )
+        else:
+            split = authors_split if authors_split_good else None  # None: drawn later
+            candidates.append(
+                _Candidate(f"{category}/{GOOD}/{stem}", path, 0, GOOD, category, split=split,
+                           extra=extra)
+            )
+    return candidates
+
+
+def _image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the file header, or None when the image cannot be read."""
+    from PIL import Image  # a dependency of matplotlib and scikit-image; reads headers only
+
+    try:
+        with Image.open(path) as image:
+            return int(image.width), int(image.height)
+    except Exception:  # noqa: BLE001 - any failure: try a full decode
+        try:
+            width, height, _ = image_header(path)
+            return width, height
+        except (DefectflowError, OSError):
+            return None
+
+
+def _bsdata_authors_split(path: Path) -> dict[str, str | None]:
+    """Image file name -> the authors' "train"/"test" (or None) from ``image_data.json``.
+
+    ``{}`` when the file is absent; a warning and ``{}`` when it cannot be used.
+    """
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        split = {}
+        for entry in data["images"]:
+            value = entry.get("train_test_split")
+            if value not in ("train", "test", None):
+                raise ValueError(f"train_test_split {value!r}")
+            split[str(entry["filename"])] = value
+        return split
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        warnings.warn(f"{path}: ignoring the authors' split ({error})", UserWarning, stacklevel=4)
+        return {}
 
 
 def _elpv_candidates(root: Path, category: str | None) -> list[_Candidate]:

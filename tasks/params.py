@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import DefectflowError
 
-LAYOUTS = ("elpv", "mvtec", "magnetic_tile", "folder")
+LAYOUTS = ("elpv", "mvtec", "magnetic_tile", "folder", "large", "bsdata")
 
 
 class _Strict(BaseModel):
@@ -19,7 +19,7 @@ class _Strict(BaseModel):
 
 
 class DatasetParams(_Strict):
-    layout: Literal["elpv", "mvtec", "magnetic_tile", "folder"] = "elpv"
+    layout: Literal["elpv", "mvtec", "magnetic_tile", "folder", "large", "bsdata"] = "elpv"
     path: str | None = None            # folder of the data (not used by elpv)
     name: str | None = None            # dataset name: the MLflow experiment; default from layout
     category: str | None = None        # category name for single-category layouts

@@ -4,15 +4,26 @@ Per axis the thesis places ``floor((L - P) / S) + 1`` windows at ``x = S * i``;
 we add one more window flush with the right (bottom) edge whenever those leave
 a strip uncovered, so the whole image is inspected. A whole image is the
 special case of one patch (``patch_size=None``).
+
+Large images may come with a thesis annotation file (section 3.2.3, see
+``annotations.py``; the manifest's ``annotation_path``). For an image it
+annotates, windows are laid out by the same grid inside each ``borders`` box
+(the active area) instead of the whole image, and every window that
+intersects a ``labels`` box is dropped. The thesis annotates test images;
+here the same rule applies to any annotated image, whatever its split, so
+that an annotated training image also keeps its background and printed
+labels out of the memory bank. Unannotated images use the whole image.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .annotations import ImageAnnotation, boxes_intersect, check_annotation, load_annotations
 from .errors import DefectflowError
 from .images import read_image, read_mask
 
@@ -45,7 +56,31 @@ def patch_windows(width: int, height: int, patch_size: int | None,
             for x in grid_positions(width, patch_size, stride)]
 
 
-def _image_patches(row, patch_size, stride, min_mean_intensity) -> list[dict]:
+def annotated_windows(annotation: ImageAnnotation, width: int, height: int,
+                      patch_size: int | None,
+                      stride: int | None) -> list[tuple[int, int, int, int]]:
+    """(x, y, w, h) of the windows of an annotated image.
+
+    The grid of :func:`patch_windows` is laid inside each ``borders`` box (the
+    whole image when there are none), edge windows included, so the active
+    area is covered; windows that intersect a ``labels`` box are dropped. With
+    ``patch_size`` None each border box (or the whole image) is one window,
+    and labels are not applied (they would leave the image without a window).
+    """
+    areas = annotation.borders or ((0, 0, width, height),)
+    if patch_size is None:
+        return list(dict.fromkeys(areas))
+    windows: dict[tuple[int, int, int, int], None] = {}  # ordered, without repeats
+    for bx, by, bw, bh in areas:
+        for x, y, w, h in patch_windows(bw, bh, patch_size, stride):
+            window = (bx + x, by + y, w, h)
+            if not any(boxes_intersect(window, label) for label in annotation.labels):
+                windows[window] = None
+    return list(windows)
+
+
+def _image_patches(row, patch_size, stride, min_mean_intensity,
+                   annotation: ImageAnnotation | None = None) -> list[dict]:
     width, height = int(row.width), int(row.height)
     # A whole image is never filtered, so its pixels need not be read here.
     image = read_image(row.path) if patch_size is not None else None
@@ -54,8 +89,18 @@ def _image_patches(row, patch_size, stride, min_mean_intensity) -> list[dict]:
     mask = None
     if isinstance(row.mask_path, str) and row.mask_path:
         mask = read_mask(row.mask_path, expected_hw=(height, width))
+    if annotation is None:
+        windows = patch_windows(width, height, patch_size, stride)
+    else:
+        windows = annotated_windows(annotation, width, height, patch_size, stride)
+        if not windows:
+            raise DefectflowError(
+                f"image {Path(row.path).name!r}: every {patch_size}px window inside its "
+                "borders intersects a labels box; nothing is left to inspect",
+                row.annotation_path,
+            )
     records = []
-    for x, y, w, h in patch_windows(width, height, patch_size, stride):
+    for x, y, w, h in windows:
         if mask is not None:
             label = int(mask[y:y + h, x:x + w].any())
         else:
@@ -75,17 +120,35 @@ def _image_patches(row, patch_size, stride, min_mean_intensity) -> list[dict]:
 
 
 def plan_patches(manifest: pd.DataFrame, patch_size: int | None = None,
-                 stride: int | None = None, min_mean_intensity: float = 31.0) -> pd.DataFrame:
+                 stride: int | None = None, min_mean_intensity: float = 31.0, *,
+                 use_annotations: bool = True) -> pd.DataFrame:
     """The patch table: one row per kept window of every manifest image.
 
     Windows whose mean intensity (0-255, over all channels) is at or below
     ``min_mean_intensity`` are dropped, as the thesis drops black background;
     whole images (``patch_size=None``) are never dropped. A patch's label is 1
     when its part of the mask has any positive pixel.
+
+    When the manifest has an ``annotation_path`` column (and
+    ``use_annotations``), an image with an entry in its annotation file gets
+    the windows of :func:`annotated_windows`: inside its borders, none
+    intersecting a label box. Each file is read once; its boxes are checked
+    against the image's size (a DefectflowError names the file and image).
+    Manifests without annotations give the same table as before.
     """
     records: list[dict] = []
+    annotation_files: dict[str, dict[str, ImageAnnotation]] = {}
     for row in manifest.itertuples(index=False):
-        records.extend(_image_patches(row, patch_size, stride, min_mean_intensity))
+        annotation = None
+        json_path = getattr(row, "annotation_path", None)
+        if use_annotations and isinstance(json_path, str) and json_path:
+            if json_path not in annotation_files:
+                annotation_files[json_path] = load_annotations(json_path)
+            name = Path(row.path).name
+            annotation = annotation_files[json_path].get(name)
+            if annotation is not None:
+                check_annotation(annotation, int(row.width), int(row.height), json_path, name)
+        records.extend(_image_patches(row, patch_size, stride, min_mean_intensity, annotation))
     table = pd.DataFrame.from_records(records, columns=PATCH_COLUMNS[1:])
     table.insert(0, "patch_id", [f"{r.image_id}@{r.x},{r.y},{r.width},{r.height}"
                                  for r in table.itertuples(index=False)])

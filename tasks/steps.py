@@ -313,15 +313,107 @@ def evaluate_step(scores: Ref, manifest: Ref, category: str, threshold_quantile:
                    n_val_images=len(val))
 
     test_patches = patch_scores[patch_scores["split"] == "test"]
-    metrics.update(_pixel_metrics(test_patches, maps, man))
+    if is_patch_mode(patch_scores, man):
+        # Large images: metrics over patches (thesis Tables 6.1-6.4), pixel metrics and
+        # figures on the stitched full-resolution maps.
+        val_patches = patch_scores[patch_scores["split"] == "val"]
+        patch_threshold = (evaluation.threshold_from_good(val_patches["score"].to_numpy(),
+                                                          threshold_quantile)
+                           if len(val_patches) else float("nan"))
+        per_patch = evaluation.image_metrics(test_patches["label"].to_numpy(),
+                                             test_patches["score"].to_numpy(), patch_threshold)
+        metrics.update({"patch_" + k.removeprefix("image_"): v for k, v in per_patch.items()})
+        metrics.update(patch_threshold=patch_threshold, n_test_patches=len(test_patches))
+        metrics.update(_stitched_pixel_metrics(test_patches, maps, man))
+        _save_full_image_figures(partial / "overlays", test, test_patches, maps, man, overlays)
+    else:
+        metrics.update(_pixel_metrics(test_patches, maps, man))
+        _save_overlays(partial / "overlays", test, test_patches, maps, man, overlays)
 
     (partial / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
     evaluation.plot_roc(labels, values, partial / "roc.png", title=f"{category}: image ROC")
     evaluation.score_table(test["image_id"].tolist(), labels, values, threshold).to_csv(
         partial / "scores.csv", index=False)
-    _save_overlays(partial / "overlays", test, test_patches, maps, man, overlays)
     _finish_folder(partial, final)
     return Ref(str(final), key)
+
+
+def is_patch_mode(patch_scores: pd.DataFrame, manifest: pd.DataFrame) -> bool:
+    """True when images were cut into windows (some patch is smaller than its image)."""
+    sizes = manifest.set_index("image_id")[["width", "height"]]
+    joined = patch_scores[["image_id", "width", "height"]].join(sizes, on="image_id",
+                                                                  rsuffix="_image")
+    return bool(((joined["width"] != joined["width_image"])
+                 | (joined["height"] != joined["height_image"])).any())
+
+
+def _stitched(image_rows: pd.DataFrame, maps: np.ndarray, info) -> tuple[np.ndarray, np.ndarray]:
+    """(stitched map with NaN where excluded or uncovered, excluded mask) of one image."""
+    from .annotations import annotation_for_image, excluded_mask
+    from .stitching import stitch
+
+    width, height = int(info["width"]), int(info["height"])
+    excluded = excluded_mask(annotation_for_image(info.get("annotation_path"), info["path"]),
+                             width, height)
+    windows = list(image_rows[["x", "y", "width", "height"]].itertuples(index=False, name=None))
+    return stitch(maps[image_rows.index.to_numpy()], windows, width, height, excluded), excluded
+
+
+PIXEL_EVAL_SIDE = 1024  # stitched maps are sampled on a grid this fine for pixel metrics
+
+
+def _stitched_pixel_metrics(test_patches: pd.DataFrame, maps: np.ndarray,
+                            manifest: pd.DataFrame) -> dict:
+    """Pixel AUROC/AUPR on stitched maps, inspected pixels only (excluded/uncovered left out).
+    Large images are sampled on a regular grid of at most PIXEL_EVAL_SIDE per side."""
+    from . import evaluation
+    from .stitching import covered_pixels
+
+    man = manifest.set_index("image_id")
+    truths, values = [], []
+    for image_id, image_rows in test_patches.groupby("image_id", sort=True):
+        info = man.loc[image_id]
+        has_mask = isinstance(info["mask_path"], str)
+        if not has_mask and info["label"] == 1:
+            continue  # a defect without a location cannot be scored per pixel
+        stitched, _ = _stitched(image_rows, maps, info)
+        mask = (read_mask(info["mask_path"], (int(info["height"]), int(info["width"])))
+                if has_mask else np.zeros(stitched.shape, bool))
+        step = max(1, -(-max(stitched.shape) // PIXEL_EVAL_SIDE))
+        truth, value = covered_pixels(stitched[::step, ::step], mask[::step, ::step])
+        truths.append(truth)
+        values.append(value)
+    if not truths or not any(t.any() for t in truths):
+        return {}
+    truth = np.concatenate(truths)[None, :]
+    value = np.concatenate(values)[None, :]
+    return evaluation.pixel_metrics([truth.astype(bool)], [value.astype(np.float32)])
+
+
+def _save_full_image_figures(folder: Path, test: pd.DataFrame, test_patches: pd.DataFrame,
+                             maps: np.ndarray, manifest: pd.DataFrame, count: int) -> None:
+    """Thesis Fig. 6.3 style figures (image, ground truth, stitched map, overlay)."""
+    from . import evaluation
+    from .stitching import full_image_figure
+
+    folder.mkdir()
+    if count <= 0:
+        return
+    man = manifest.set_index("image_id")
+    picks = evaluation.pick_overlay_examples(test["label"].to_numpy(), test["score"].to_numpy(),
+                                             n=count)
+    vmax = float(np.quantile(test_patches["score"], 0.99))
+    for pick in picks:
+        image_id = test["image_id"].iloc[pick]
+        info = man.loc[image_id]
+        image_rows = test_patches[test_patches["image_id"] == image_id]
+        stitched, excluded = _stitched(image_rows, maps, info)
+        mask = (read_mask(info["mask_path"], (int(info["height"]), int(info["width"])))
+                if isinstance(info["mask_path"], str) else None)
+        full_image_figure(read_image(info["path"]), mask, stitched, excluded,
+                          folder / f"{image_id.replace('/', '_')}.png",
+                          title=f"{image_id}  score {test['score'].iloc[pick]:.3f}",
+                          vmin=0.0, vmax=vmax)
 
 
 def _pixel_metrics(test_patches: pd.DataFrame, maps: np.ndarray, manifest: pd.DataFrame) -> dict:

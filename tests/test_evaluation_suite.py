@@ -1,0 +1,433 @@
+"""Region metrics (AUPRO, sPRO), extra image metrics, comparison tables and plots.
+
+The AUPRO/sPRO cases are small enough to compute by hand, and random cases are
+checked against a brute-force reference that thresholds the maps one by one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage
+
+from defectflow.tasks.errors import DefectflowError
+from defectflow.tasks.evaluation import (
+    aupro,
+    comparison_table,
+    format_table,
+    fpr_at_tpr,
+    mask_iou,
+    merge_masks,
+    per_defect_type_auroc,
+    plot_curves,
+    plot_defect_type_bars,
+    plot_tsne,
+    spro,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------ brute-force reference
+
+
+def brute_force_area(maps, normal_masks, defects, fpr_limit, thresholds=None):
+    """Normalized area under the (s)PRO curve, one full thresholding per threshold.
+
+    ``defects`` lists (image index, bool mask, saturation); the overlap of a
+    defect is min(1, flagged pixels / saturation). The area is integrated
+    segment by segment, each clipped at ``fpr_limit``.
+    """
+    if thresholds is None:
+        thresholds = np.unique(np.concatenate([m.ravel() for m in maps]))[::-1]
+    normal_count = sum(int(n.sum()) for n in normal_masks)
+    points = [(0.0, 0.0)]
+    for t in thresholds:
+        false_positives = sum(int(((m >= t) & n).sum()) for m, n in zip(maps, normal_masks))
+        overlaps = [min(1.0, ((maps[i] >= t) & mask).sum() / s) for i, mask, s in defects]
+        points.append((false_positives / normal_count, float(np.mean(overlaps))))
+    points.append((1.0, points[-1][1]))
+    area = 0.0
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x1 <= x0 or x0 >= fpr_limit:
+            continue
+        x_end = min(x1, fpr_limit)
+        y_end = y0 + (y1 - y0) * (x_end - x0) / (x1 - x0)
+        area += (x_end - x0) * (y0 + y_end) / 2
+    return area / fpr_limit
+
+
+def regions_of(masks):
+    """(image index, region mask, area) for every 8-connected region of every mask."""
+    defects = []
+    for index, mask in enumerate(masks):
+        if mask is None:
+            continue
+        labelled, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        for region in range(1, count + 1):
+            defects.append((index, labelled == region, int((labelled == region).sum())))
+    return defects
+
+
+def random_case(seed, num_images=4, size=12):
+    """Maps with many ties (scores rounded to 0.05) and rectangular defects; one good image."""
+    rng = np.random.default_rng(seed)
+    maps, masks = [], []
+    for index in range(num_images):
+        anomaly_map = rng.random((size, size))
+        if index == 0:
+            masks.append(None)
+        else:
+            mask = np.zeros((size, size), dtype=bool)
+            for _ in range(rng.integers(1, 3)):
+                y, x = rng.integers(0, size - 3, size=2)
+                h, w = rng.integers(1, 4, size=2)
+                mask[y : y + h, x : x + w] = True
+            anomaly_map[mask] += rng.uniform(0, 0.6)
+            masks.append(mask)
+        maps.append(np.round(anomaly_map * 20) / 20)
+    return masks, maps
+
+
+def normals_of(masks, maps):
+    return [np.ones(m.shape, bool) if k is None else ~k for k, m in zip(masks, maps)]
+
+
+# ---------------------------------------------------------------------------- AUPRO
+
+
+def test_aupro_one_region_by_hand():
+    # One row: a region of 4 pixels, then 6 normal pixels. Descending scores give
+    # R N R N R N N R N N, so the curve is (0, 0) (0, 1/4) (1/6, 1/4) (1/6, 1/2)
+    # (2/6, 1/2) (2/6, 3/4) (4/6, 3/4) (4/6, 1) (1, 1).
+    scores = np.array([[0.9, 0.7, 0.5, 0.2, 0.8, 0.6, 0.4, 0.3, 0.1, 0.05]])
+    mask = np.zeros_like(scores, dtype=bool)
+    mask[0, :4] = True
+    assert aupro([mask], [scores], fpr_limit=0.5) == pytest.approx(
+        (1 / 6 * 1 / 4 + 1 / 6 * 1 / 2 + 1 / 6 * 3 / 4) / 0.5
+    )  # = 0.5
+    # The limit falls inside a flat stretch: the curve is read at exactly 1/4.
+    assert aupro([mask], [scores], fpr_limit=0.25) == pytest.approx(
+        (1 / 6 * 1 / 4 + (0.25 - 1 / 6) * 1 / 2) / 0.25
+    )
+    assert aupro([mask], [scores], fpr_limit=1.0) == pytest.approx(
+        1 / 6 * (1 / 4 + 1 / 2 + 3 / 4 + 3 / 4) + 2 / 6 * 1
+    )
+
+
+def test_aupro_tie_is_one_diagonal_segment():
+    # Region scores 0.9, 0.5; normal scores 0.5, 0.3, 0.2, 0.1. At threshold 0.5 a
+    # region pixel and a normal pixel switch together: (0, 1/2) -> (1/4, 1) straight,
+    # neither the optimistic nor the pessimistic staircase.
+    scores = np.array([[0.9, 0.5, 0.5, 0.3, 0.2, 0.1]])
+    mask = np.array([[True, True, False, False, False, False]])
+    # Interpolated inside the diagonal: PRO(0.125) = 0.75.
+    assert aupro([mask], [scores], fpr_limit=0.125) == pytest.approx(
+        0.125 * (0.5 + 0.75) / 2 / 0.125
+    )
+    assert aupro([mask], [scores], fpr_limit=0.3) == pytest.approx(
+        (0.25 * (0.5 + 1.0) / 2 + 0.05 * 1.0) / 0.3
+    )
+
+
+def test_aupro_perfect_constant_and_inverted_maps():
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[2:5, 3:6] = True
+    perfect = mask.astype(float)
+    assert aupro([mask, None], [perfect, np.zeros((8, 8))]) == pytest.approx(1.0)
+    # A constant map flags everything at once: the diagonal, fpr_limit / 2.
+    assert aupro([mask], [np.full((8, 8), 0.3)], fpr_limit=0.3) == pytest.approx(0.15)
+    # The region ranks below every normal pixel: no overlap before FPR 1.
+    assert aupro([mask], [1.0 - perfect], fpr_limit=0.3) == pytest.approx(0.0, abs=1e-12)
+    assert aupro([mask], [1.0 - perfect], fpr_limit=1.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_aupro_weighs_regions_not_pixels():
+    # A one-pixel region found first, a nine-pixel region ranked below all normals.
+    # Per region PRO is 1/2 until FPR 1; a per-pixel overlap would be 1/10.
+    mask = np.zeros((10, 10), dtype=bool)
+    mask[0, 0] = True
+    mask[5:8, 5:8] = True
+    scores = np.full((10, 10), 0.5)
+    scores[0, 0] = 1.0
+    scores[5:8, 5:8] = 0.0
+    assert aupro([mask], [scores]) == pytest.approx(0.5)
+    # Split over two images, the regions still weigh the same.
+    small, large = np.zeros_like(mask), mask.copy()
+    small[0, 0], large[0, 0] = True, False
+    plain = scores.copy()
+    plain[0, 0] = 0.5  # a normal pixel in the second image
+    assert aupro([small, large], [scores, plain]) == pytest.approx(0.5)
+
+
+def test_aupro_regions_are_8_connected():
+    # Pixels (1,1) and (2,2) touch diagonally: one region, half found (1/2); the
+    # separate pixel (6,6) is found (1). 8-connected: (1/2 + 1) / 2 = 3/4;
+    # 4-connected it would be (1 + 0 + 1) / 3.
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[1, 1] = mask[2, 2] = mask[6, 6] = True
+    scores = np.full((8, 8), 0.5)
+    scores[1, 1] = scores[6, 6] = 1.0
+    scores[2, 2] = 0.0
+    assert aupro([mask], [scores]) == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("fpr_limit", [0.05, 0.3, 1.0])
+def test_aupro_matches_brute_force(seed, fpr_limit):
+    masks, maps = random_case(seed)
+    expected = brute_force_area(maps, normals_of(masks, maps), regions_of(masks), fpr_limit)
+    assert aupro(masks, maps, fpr_limit=fpr_limit) == pytest.approx(expected, abs=1e-12)
+
+
+def test_aupro_binned_matches_brute_force_at_the_same_thresholds():
+    masks, maps = random_case(3)
+    everything = np.concatenate([m.ravel() for m in maps])
+    thresholds = np.linspace(everything.min(), everything.max(), 7)[::-1]
+    expected = brute_force_area(
+        maps, normals_of(masks, maps), regions_of(masks), 0.3, thresholds
+    )
+    assert aupro(masks, maps, num_thresholds=7) == pytest.approx(expected, abs=1e-12)
+    # Many bins approach the exact value.
+    assert aupro(masks, maps, num_thresholds=5000) == pytest.approx(aupro(masks, maps), abs=1e-3)
+
+
+def test_aupro_undefined_and_bad_input():
+    scores = np.random.default_rng(0).random((4, 4))
+    assert math.isnan(aupro([None, np.zeros((4, 4), bool)], [scores, scores]))
+    assert math.isnan(aupro([np.ones((4, 4), bool)], [scores]))  # no normal pixel
+    mask = np.eye(4, dtype=bool)
+    with pytest.raises(DefectflowError, match="FPR limit"):
+        aupro([mask], [scores], fpr_limit=0.0)
+    with pytest.raises(DefectflowError, match="num_thresholds"):
+        aupro([mask], [scores], num_thresholds=1)
+    with pytest.raises(DefectflowError, match="shape"):
+        aupro([mask], [scores[:3]])
+    with pytest.raises(DefectflowError, match="2 masks but 1"):
+        aupro([mask, mask], [scores])
+    bad = scores.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(DefectflowError, match="NaN"):
+        aupro([mask], [bad])
+
+
+# ----------------------------------------------------------------------------- sPRO
+
+
+def test_spro_equals_pro_when_saturation_is_the_area():
+    rng = np.random.default_rng(5)
+    maps = [rng.random((12, 12)) for _ in range(3)]
+    first = np.zeros((12, 12), bool)
+    first[1:4, 1:5] = True
+    second, third = np.zeros((12, 12), bool), np.zeros((12, 12), bool)
+    second[6:9, 2:4] = True
+    third[0:2, 8:11] = True
+    maps[1][first] += 0.4
+    maps[2][second] += 0.2
+    defects = [[], [first], [second, third]]
+    areas = [[], [12], [6, 6]]
+    merged = [None, first, second | third]
+    for limit in (0.05, 0.3, 1.0):
+        assert spro(defects, areas, maps, fpr_limit=limit) == pytest.approx(
+            aupro(merged, maps, fpr_limit=limit), abs=1e-12
+        )
+    # A saturation above the area is capped at it (as in the MVTec LOCO code).
+    assert spro(defects, [[], [1000], [7.5, 99]], maps, fpr_limit=0.3) == pytest.approx(
+        aupro(merged, maps, fpr_limit=0.3), abs=1e-12
+    )
+
+
+def test_spro_saturates():
+    # A defect of 10 pixels; 3 of them score above every normal pixel, 7 below.
+    scores = np.full((10, 10), 0.5)
+    mask = np.zeros((10, 10), bool)
+    mask[0, :10] = True
+    scores[0, :3] = 1.0
+    scores[0, 3:10] = 0.0
+    # Saturation 2 < 3 found pixels: the defect counts as fully found at FPR 0.
+    assert spro([[mask]], [[2]], [scores]) == pytest.approx(1.0)
+    # Saturation 4: 3/4 found; plain PRO: 3/10.
+    assert spro([[mask]], [[4]], [scores]) == pytest.approx(0.75)
+    assert aupro([mask], [scores]) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_spro_matches_brute_force_with_overlapping_defects(seed):
+    rng = np.random.default_rng(seed)
+    maps, defects, saturations, brute_defects, normals = [], [], [], [], []
+    for index in range(3):
+        anomaly_map = np.round(rng.random((10, 10)) * 20) / 20
+        masks, limits = [], []
+        for _ in range(0 if index == 0 else 2):
+            mask = np.zeros((10, 10), bool)
+            y, x = rng.integers(0, 6, size=2)
+            mask[y : y + 4, x : x + 3] = True  # the two defects may overlap
+            anomaly_map[mask] += 0.3
+            saturation = float(rng.integers(1, 15))
+            masks.append(mask)
+            limits.append(saturation)
+            brute_defects.append((index, mask, min(saturation, mask.sum())))
+        maps.append(anomaly_map)
+        defects.append(masks)
+        saturations.append(limits)
+        normals.append(~np.logical_or.reduce([np.zeros((10, 10), bool)] + masks))
+    for limit in (0.05, 0.5):
+        expected = brute_force_area(maps, normals, brute_defects, limit)
+        assert spro(defects, saturations, maps, fpr_limit=limit) == pytest.approx(
+            expected, abs=1e-12
+        )
+
+
+def test_spro_bad_input():
+    scores = np.zeros((4, 4))
+    mask = np.eye(4, dtype=bool)
+    assert math.isnan(spro([[]], [[]], [scores]))
+    with pytest.raises(DefectflowError, match="2 defect masks but 1"):
+        spro([[mask, mask]], [[3]], [scores])
+    with pytest.raises(DefectflowError, match="empty"):
+        spro([[np.zeros((4, 4), bool)]], [[3]], [scores])
+    with pytest.raises(DefectflowError, match="saturation threshold"):
+        spro([[mask]], [[0]], [scores])
+    with pytest.raises(DefectflowError, match="shape"):
+        spro([[mask[:3]]], [[3]], [scores])
+    with pytest.raises(DefectflowError, match="one of each per image"):
+        spro([[mask]], [], [scores])
+
+
+# ---------------------------------------------------------------- image-level extras
+
+
+def test_fpr_at_tpr_by_hand():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    scores = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.5, 0.7, 0.8])
+    # ROC: (0,0) (0,.25) (0,.5) (.25,.5) (.25,.75) (.25,1) (.5,1) (.75,1) (1,1)
+    assert fpr_at_tpr(labels, scores) == pytest.approx(0.25)
+    assert fpr_at_tpr(labels, scores, tpr=0.5) == pytest.approx(0.0)  # reached exactly
+    # A tie between a good and a defective image: the curve (0,.5) -> (.5,1) is
+    # interpolated, TPR .95 at FPR .45.
+    assert fpr_at_tpr([0, 0, 1, 1], [0.1, 0.5, 0.5, 0.9]) == pytest.approx(0.45)
+    assert fpr_at_tpr([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == pytest.approx(0.0)
+    assert math.isnan(fpr_at_tpr([1, 1], [0.1, 0.2]))
+    with pytest.raises(DefectflowError, match="true positive rate"):
+        fpr_at_tpr(labels, scores, tpr=0.0)
+
+
+def test_mask_iou_by_hand():
+    mask = np.array([[1, 1, 0], [0, 0, 0]], dtype=bool)
+    scores = np.array([[0.9, 0.2, 0.8], [0.1, 0.1, 0.1]])
+    # Flagged: (0,0), (0,2). Intersection 1, union 3.
+    assert mask_iou([mask], [scores], 0.5) == pytest.approx(1 / 3)
+    # Images without a mask are left out; an empty mask adds its false positives.
+    assert mask_iou([mask, None], [scores, np.ones((2, 3))], 0.5) == pytest.approx(1 / 3)
+    empty = np.zeros((2, 3), dtype=bool)
+    flagged_one = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 0.7]])
+    assert mask_iou([mask, empty], [scores, flagged_one], 0.5) == pytest.approx(1 / 4)
+    assert math.isnan(mask_iou([empty], [np.zeros((2, 3))], 0.5))
+    assert math.isnan(mask_iou([None], [np.zeros((2, 3))], 0.5))
+
+
+def test_per_defect_type_auroc_by_hand():
+    labels = [0, 0, 0, 1, 1, 1]
+    scores = [0.1, 0.4, 0.6, 0.5, 0.9, 0.3]
+    types = ["good", "good", "good", "scratch", "scratch", "dent"]
+    result = per_defect_type_auroc(labels, scores, types)
+    assert list(result) == ["dent", "scratch"]
+    assert result["dent"] == pytest.approx(1 / 3)  # 0.3 beats only 0.1
+    assert result["scratch"] == pytest.approx(5 / 6)  # 0.5 beats 2 of 3, 0.9 all
+    assert math.isnan(per_defect_type_auroc([1, 1], [0.2, 0.3], ["a", "b"])["a"])
+    with pytest.raises(DefectflowError, match="defect types"):
+        per_defect_type_auroc(labels, scores, types[:-1])
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def test_comparison_table_sorts_and_orders_columns():
+    rows = [
+        {"method": "patchcore", "image_auroc": 0.8, "aupro": 0.5, "seconds": 12.0},
+        {"method": "segad", "image_auroc": 0.9, "pixel_auroc": 0.95},
+        {"method": "padim", "image_auroc": math.nan},
+        {"method": "efficientad", "image_auroc": 0.8},
+    ]
+    table = comparison_table(rows)
+    assert table["method"].tolist() == ["segad", "patchcore", "efficientad", "padim"]
+    assert table.columns.tolist() == ["method", "image_auroc", "pixel_auroc", "aupro", "seconds"]
+    assert math.isnan(table.loc[0, "aupro"])
+
+    text = format_table(table)
+    lines = text.splitlines()
+    assert len(lines) == 2 + len(rows)
+    assert lines[0].split() == table.columns.tolist()
+    assert lines[2].startswith("segad ")
+    assert "0.900" in lines[2] and "0.950" in lines[2]
+    assert lines[5].split()[1:] == ["-", "-", "-", "-"]  # padim: all missing
+    assert len({len(line) for line in lines}) == 1  # fixed width
+
+    with pytest.raises(DefectflowError, match="more than once"):
+        comparison_table([{"method": "a"}, {"method": "a"}])
+    with pytest.raises(DefectflowError, match="no 'method'"):
+        comparison_table([{"image_auroc": 0.5}])
+    with pytest.raises(DefectflowError, match="no methods"):
+        comparison_table([])
+
+
+def test_merge_masks_is_the_union(tmp_path):
+    first, second = np.zeros((6, 8), np.uint8), np.zeros((6, 8), np.uint8)
+    first[0:2, 0:2] = 255
+    second[4:6, 5:8] = 255
+    cv2.imwrite(str(tmp_path / "000.png"), first)
+    cv2.imwrite(str(tmp_path / "001.png"), second)
+    merged = merge_masks([tmp_path / "000.png", tmp_path / "001.png"], (6, 8))
+    assert merged.dtype == bool
+    np.testing.assert_array_equal(merged, (first > 0) | (second > 0))
+    np.testing.assert_array_equal(merge_masks([tmp_path / "001.png"]), second > 0)
+
+    cv2.imwrite(str(tmp_path / "small.png"), np.zeros((3, 8), np.uint8))
+    with pytest.raises(DefectflowError, match="small.png"):
+        merge_masks([tmp_path / "000.png", tmp_path / "small.png"])
+    with pytest.raises(DefectflowError, match="no mask files"):
+        merge_masks([], (6, 8))
+
+
+# ---------------------------------------------------------------------------- plots
+
+
+def assert_png(path):
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    image = cv2.imread(str(path))
+    assert image is not None and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_plots_write_valid_pngs(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 20 + [1] * 10)
+    curves = {
+        "patchcore": (labels, labels + rng.normal(0, 0.7, labels.size)),
+        "segad": (labels, labels + rng.normal(0, 0.3, labels.size)),
+        "one class": (np.zeros(5), rng.random(5)),
+    }
+    assert_png(plot_curves(curves, tmp_path / "curves.png", "bottle"))
+
+    table = pd.DataFrame(
+        {
+            "method": ["patchcore", "patchcore", "segad", "segad"],
+            "defect_type": ["crack", "stain", "crack", "stain"],
+            "auroc": [0.91, 0.7, 0.95, math.nan],
+        }
+    )
+    assert_png(plot_defect_type_bars(table, tmp_path / "nested" / "bars.png"))
+    with pytest.raises(DefectflowError, match="columns"):
+        plot_defect_type_bars(table.drop(columns="auroc"), tmp_path / "bad.png")
+
+    embeddings = np.vstack([rng.normal(0, 1, (12, 8)), rng.normal(4, 1, (8, 8))])
+    names = ["good"] * 12 + ["crack"] * 8
+    assert_png(plot_tsne(embeddings, names, tmp_path / "tsne.png"))
+    assert_png(plot_tsne(embeddings[:3, :1], [0, 1, 1], tmp_path / "tsne_small.png"))
+    with pytest.raises(DefectflowError, match="labels"):
+        plot_tsne(embeddings, names[:-1], tmp_path / "bad.png")
+    with pytest.raises(DefectflowError, match="curves"):
+        plot_curves({}, tmp_path / "none.png", "empty")
