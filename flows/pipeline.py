@@ -69,6 +69,8 @@ def pipeline(params: PipelineParams, verbose: bool = True) -> dict:
     p, cache = params, params.cache_dir
     dataset = p.dataset.model_dump(mode="json")
     features = p.features.model_dump(mode="json")
+    denoise = (p.preprocessing.denoise.model_dump(mode="json")
+               if p.preprocessing.denoise else None)
 
     fingerprint = steps.source_fingerprint(p.dataset.layout, p.dataset.path)
     scanned = log.run("scan", scan, dataset, fingerprint, cache)
@@ -80,7 +82,10 @@ def pipeline(params: PipelineParams, verbose: bool = True) -> dict:
     results = []
     for category in sorted(scanned.manifest.table()["category"].unique()):
         stats = log.run(f"normalization [{category}]", normalize, patches, scanned.manifest,
-                        category, p.normalization)
+                        category, p.normalization, denoise)
+        # The preprocessing travels with the statistics: every later step (and its cache key)
+        # sees the same pixels.
+        stats = {**stats, "denoise": denoise}
         store = log.run(f"features [{category}]", extract_features, patches, scanned.manifest,
                         category, features, stats, cache, progress=verbose)
         for method, options in p.methods.items():

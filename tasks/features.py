@@ -67,10 +67,11 @@ def preprocess(crop: np.ndarray, input_size: int, mean, std) -> np.ndarray:
 
 
 def iter_input_batches(patch_table: pd.DataFrame, paths: dict[str, str], input_size: int,
-                       mean, std, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                       mean, std, batch_size: int, denoise: dict | None = None
+                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(row positions, (B, 3, S, S) float32 inputs) in patch-table order."""
     positions, batch = [], []
-    for pos, crop in iter_patch_pixels(patch_table, paths):
+    for pos, crop in iter_patch_pixels(patch_table, paths, denoise):
         positions.append(pos)
         batch.append(preprocess(crop, input_size, mean, std))
         if len(batch) == batch_size:
@@ -81,13 +82,14 @@ def iter_input_batches(patch_table: pd.DataFrame, paths: dict[str, str], input_s
 
 
 def feature_store_key(patch_table: pd.DataFrame, content_hashes: dict[str, str], backbone: str,
-                      layers, input_size: int, mean, std) -> str:
+                      layers, input_size: int, mean, std, denoise: dict | None = None) -> str:
     """Hash of what determines the features; paths and run ids are deliberately left out."""
     windows = text_hash(*(f"{content_hashes[r.image_id]}:{r.x},{r.y},{r.width},{r.height}"
                           for r in patch_table.itertuples(index=False)))
     return text_hash("features-v1", windows, backbone, tuple(layers), input_size,
                      tuple(round(float(v), 6) for v in mean),
-                     tuple(round(float(v), 6) for v in std))
+                     tuple(round(float(v), 6) for v in std),
+                     json.dumps(denoise or None, sort_keys=True))
 
 
 def open_store(cache_dir: str | Path, key: str) -> FeatureStoreRef | None:
@@ -102,15 +104,16 @@ def open_store(cache_dir: str | Path, key: str) -> FeatureStoreRef | None:
 
 def extract_features(patch_table: pd.DataFrame, manifest: pd.DataFrame, *, backbone: str,
                      layers, input_size: int, mean, std, cache_dir: str | Path,
-                     batch_size: int = 8, device: str = "auto",
-                     progress: bool = True) -> FeatureStoreRef:
+                     batch_size: int = 8, device: str = "auto", progress: bool = True,
+                     denoise: dict | None = None) -> FeatureStoreRef:
     """Feature maps of every patch, computed once per key and streamed to disk."""
     from .backbones import load_backbone
 
     layers = tuple(layers)
     content_hashes = dict(zip(manifest["image_id"], manifest["content_hash"]))
     paths = dict(zip(manifest["image_id"], manifest["path"]))
-    key = feature_store_key(patch_table, content_hashes, backbone, layers, input_size, mean, std)
+    key = feature_store_key(patch_table, content_hashes, backbone, layers, input_size, mean, std,
+                            denoise)
     found = open_store(cache_dir, key)
     if found is not None:
         return found
@@ -127,7 +130,7 @@ def extract_features(patch_table: pd.DataFrame, manifest: pd.DataFrame, *, backb
     bar = tqdm(total=count, desc=f"features {backbone}", unit="patch", disable=not progress)
     with torch.inference_mode():
         for positions, batch in iter_input_batches(patch_table, paths, input_size, mean, std,
-                                                   batch_size):
+                                                   batch_size, denoise):
             inputs = torch.from_numpy(batch).to(device).contiguous(memory_format=torch.channels_last)
             feats = model(inputs)
             for layer in layers:
@@ -146,7 +149,7 @@ def extract_features(patch_table: pd.DataFrame, manifest: pd.DataFrame, *, backb
     patch_table[["patch_id", "image_id"]].to_parquet(partial / "patches.parquet")
     (partial / "meta.json").write_text(json.dumps(
         {"key": key, "backbone": backbone, "layers": list(layers), "input_size": input_size,
-         "mean": list(mean), "std": list(std), "count": count}, indent=1))
+         "mean": list(mean), "std": list(std), "denoise": denoise, "count": count}, indent=1))
     if final.exists():  # another process finished the same key first: keep theirs
         shutil.rmtree(partial, ignore_errors=True)
     else:

@@ -13,7 +13,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def channel_stats(patch_table: pd.DataFrame, paths: dict[str, str],
-                  splits: tuple[str, ...] = ("train",)) -> dict[str, list[float]]:
+                  splits: tuple[str, ...] = ("train",),
+                  denoise: dict | None = None) -> dict[str, list[float]]:
     """Mean and std of each RGB channel (0-1 scale) over every pixel of the training patches.
 
     Accumulated as float64 sums, so memory stays constant whatever the number of patches.
@@ -24,7 +25,7 @@ def channel_stats(patch_table: pd.DataFrame, paths: dict[str, str],
     total = np.zeros(3)
     total_sq = np.zeros(3)
     count = 0
-    for _, crop in iter_patch_pixels(rows, paths):
+    for _, crop in iter_patch_pixels(rows, paths, denoise):
         pixels = crop.reshape(-1, 3).astype(np.float64) / 255.0
         total += pixels.sum(axis=0)
         total_sq += np.square(pixels).sum(axis=0)
@@ -37,10 +38,11 @@ def channel_stats(patch_table: pd.DataFrame, paths: dict[str, str],
 
 
 def normalization_stats(patch_table: pd.DataFrame, paths: dict[str, str],
-                        mode: str = "dataset") -> dict[str, list[float]]:
+                        mode: str = "dataset", denoise: dict | None = None
+                        ) -> dict[str, list[float]]:
     """``dataset``: statistics of this category's training patches (thesis); ``imagenet``: the backbone's."""
     if mode == "imagenet":
         return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     if mode == "dataset":
-        return channel_stats(patch_table, paths)
+        return channel_stats(patch_table, paths, denoise=denoise)
     raise DefectflowError(f"unknown normalization mode {mode!r} (choose 'dataset' or 'imagenet')")

@@ -50,6 +50,25 @@ class FeatureParams(_Strict):
         return layers
 
 
+class DenoiseParams(_Strict):
+    """OpenCV fastNlMeansDenoisingColored, applied to each image before patches are cut."""
+
+    h: float = Field(10.0, gt=0)
+    template_window: int = Field(7, ge=1)
+    search_window: int = Field(21, ge=1)
+
+    @field_validator("template_window", "search_window")
+    @classmethod
+    def _odd(cls, value):
+        if value % 2 == 0:
+            raise ValueError("must be odd")
+        return value
+
+
+class PreprocessingParams(_Strict):
+    denoise: DenoiseParams | None = None
+
+
 class EvaluationParams(_Strict):
     threshold_quantile: float = Field(0.99, gt=0, le=1)
     overlays: int = Field(6, ge=0)
@@ -68,6 +87,7 @@ class TrackingParams(_Strict):
 class PipelineParams(_Strict):
     dataset: DatasetParams = DatasetParams()
     patches: PatchParams = PatchParams()
+    preprocessing: PreprocessingParams = PreprocessingParams()
     normalization: Literal["dataset", "imagenet"] = "dataset"
     features: FeatureParams = FeatureParams()
     methods: dict[str, dict[str, Any]] = {"patchcore": {}}

@@ -155,16 +155,32 @@ def plan_patches(manifest: pd.DataFrame, patch_size: int | None = None,
     return table.reset_index(drop=True)
 
 
-def iter_patch_pixels(patch_table: pd.DataFrame,
-                      paths: dict[str, str]) -> Iterator[tuple[int, np.ndarray]]:
-    """(row position, RGB uint8 crop) for every patch, reading each image once."""
+def denoise_image(image: np.ndarray, denoise: dict | None) -> np.ndarray:
+    """OpenCV non-local-means denoising (the thesis's "blur" experiments), or the image as is.
+
+    ``denoise``: ``{"h": 10, "template_window": 7, "search_window": 21}`` (OpenCV's
+    ``h``/``hColor``, ``templateWindowSize``, ``searchWindowSize``), or None.
+    """
+    if not denoise:
+        return image
+    import cv2
+
+    return cv2.fastNlMeansDenoisingColored(
+        image, None, h=float(denoise["h"]), hColor=float(denoise["h"]),
+        templateWindowSize=int(denoise["template_window"]),
+        searchWindowSize=int(denoise["search_window"]))
+
+
+def iter_patch_pixels(patch_table: pd.DataFrame, paths: dict[str, str],
+                      denoise: dict | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(row position, RGB uint8 crop) for every patch, reading (and denoising) each image once."""
     positions = np.arange(len(patch_table))
     image_ids = patch_table["image_id"].to_numpy()
     current_id, image = None, None
     for pos in positions:
         if image_ids[pos] != current_id:
             current_id = image_ids[pos]
-            image = read_image(paths[current_id])
+            image = denoise_image(read_image(paths[current_id]), denoise)
         x, y, w, h = (int(v) for v in patch_table.iloc[pos][["x", "y", "width", "height"]])
         yield int(pos), image[y:y + h, x:x + w]
 

@@ -168,9 +168,11 @@ def _paths(manifest: Ref) -> dict[str, str]:
     return dict(zip(table["image_id"], table["path"]))
 
 
-def normalization_step(patches: Ref, manifest: Ref, category: str, mode: str) -> dict:
+def normalization_step(patches: Ref, manifest: Ref, category: str, mode: str,
+                       denoise: dict | None = None) -> dict:
     """Channel mean/std of the category's training patches (small: returned by value)."""
-    return normalization_stats(_category_rows(patches, category), _paths(manifest), mode)
+    return normalization_stats(_category_rows(patches, category), _paths(manifest), mode,
+                               denoise)
 
 
 # -- 4. features -------------------------------------------------------------------
@@ -181,7 +183,7 @@ def features_step(patches: Ref, manifest: Ref, category: str, features: dict, st
                             layers=features["layers"], input_size=features["input_size"],
                             mean=stats["mean"], std=stats["std"], cache_dir=cache_dir,
                             batch_size=features["batch_size"], device=features["device"],
-                            progress=progress)
+                            progress=progress, denoise=stats.get("denoise"))
 
 
 def _patch_set(store: FeatureStoreRef | None, rows: pd.DataFrame, selected: np.ndarray,
@@ -190,7 +192,7 @@ def _patch_set(store: FeatureStoreRef | None, rows: pd.DataFrame, selected: np.n
     positions = np.flatnonzero(selected)
     return PatchSet(rows.iloc[positions].reset_index(drop=True), store, positions,
                     _paths(manifest), input_size, tuple(stats["mean"]), tuple(stats["std"]),
-                    device=resolve_device(device))
+                    device=resolve_device(device), denoise=stats.get("denoise"))
 
 
 def labelled_defects(manifest: pd.DataFrame, category: str, count: int, seed: int) -> list[str]:

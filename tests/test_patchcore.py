@@ -108,3 +108,20 @@ def test_patchcore_params_reject_bad_values():
         PatchCoreParams(coreset_ratio=0)
     with pytest.raises(ValueError):
         PatchCoreParams(smoothing_sigma=-1)
+
+
+def test_hnsw_search_agrees_with_exact_search(product, tmp_path):
+    manifest, patches, paths, stats = product
+    store = features_mod.extract_features(
+        patches, manifest, backbone="efficientnet_lite0", layers=LAYERS, input_size=64,
+        mean=stats["mean"], std=stats["std"], cache_dir=tmp_path, progress=False)
+    pos = np.flatnonzero((patches["split"] == "train").to_numpy())
+    train = PatchSet(patches.iloc[pos].reset_index(drop=True), store, pos, paths, 64,
+                     tuple(stats["mean"]), tuple(stats["std"]))
+    test_pos = np.flatnonzero((patches["split"] == "test").to_numpy())
+    test = PatchSet(patches.iloc[test_pos].reset_index(drop=True), store, test_pos, paths, 64,
+                    tuple(stats["mean"]), tuple(stats["std"]))
+    exact = PatchCore(PatchCoreParams(layers=LAYERS, coreset_ratio=0.25)).fit(train)
+    approx = PatchCore(PatchCoreParams(layers=LAYERS, coreset_ratio=0.25, search="hnsw"))
+    approx.memory_bank = exact.memory_bank
+    np.testing.assert_allclose(approx.score(test)[0], exact.score(test)[0], rtol=0.05)

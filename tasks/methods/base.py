@@ -38,6 +38,7 @@ class PatchSet:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     device: str = "cpu"     # where methods that train a network run ("cpu" or "cuda")
+    denoise: dict | None = None  # preprocessing applied to every image before cropping
 
     @property
     def labels(self) -> np.ndarray:
@@ -69,7 +70,14 @@ class PatchSet:
     def input_batches(self, batch_size: int = 32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(positions in this set, normalized float32 (B, 3, S, S) inputs)."""
         yield from iter_input_batches(self.table, self.paths, self.input_size, self.mean,
-                                      self.std, batch_size)
+                                      self.std, batch_size, self.denoise)
+
+    def pixel_crops(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(position in this set, RGB uint8 crop before resizing and normalization), for
+        methods that augment raw pixels."""
+        from ..patches import iter_patch_pixels
+
+        yield from iter_patch_pixels(self.table, self.paths, self.denoise)
 
 
 class Detector:

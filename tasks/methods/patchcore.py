@@ -31,6 +31,9 @@ class PatchCoreParams:
     coreset_chunk: int = 16384         # vectors per greedy chunk: bounds memory, time linear in N
     num_neighbors: int = 9             # b in the paper's image-score reweighting
     smoothing_sigma: float = 4.0       # Gaussian blur of the upsampled anomaly map
+    search: str = "exact"              # "exact" (faiss flat L2) or "hnsw" (approximate, for big banks)
+    hnsw_neighbors: int = 32           # HNSW graph degree (M)
+    hnsw_ef_search: int = 128          # HNSW search breadth: higher is closer to exact, slower
     seed: int = 0
 
     def __post_init__(self):
@@ -39,6 +42,8 @@ class PatchCoreParams:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
         if self.num_neighbors < 1 or self.projection_dim < 1 or self.coreset_chunk < 2:
             raise ValueError("num_neighbors, projection_dim and coreset_chunk must be positive")
+        if self.search not in ("exact", "hnsw"):
+            raise ValueError(f"search must be 'exact' or 'hnsw', got {self.search!r}")
         if self.smoothing_sigma < 0:
             raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
 
@@ -83,7 +88,13 @@ class PatchCore(Detector):
     @property
     def index(self) -> faiss.Index:
         if self._index is None:
-            self._index = faiss.IndexFlatL2(self.memory_bank.shape[1])
+            dim = self.memory_bank.shape[1]
+            if self.params.search == "hnsw":
+                # Graph search: sub-linear in the bank, for banks of millions of vectors.
+                self._index = faiss.IndexHNSWFlat(dim, self.params.hnsw_neighbors)
+                self._index.hnsw.efSearch = self.params.hnsw_ef_search
+            else:
+                self._index = faiss.IndexFlatL2(dim)
             self._index.add(self.memory_bank)
         return self._index
 
