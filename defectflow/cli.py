@@ -67,11 +67,22 @@ def print_summary(summary: dict) -> None:
     print()
     print(f"{'category':<16} {'method':<12} {'image AUROC':>11} {'pixel AUROC':>11} "
           f"{'F1-max':>7} {'accuracy':>8}")
+    fused = [r for r in summary["results"] if r["method"] == "segad_fusion"]
     for r in summary["results"]:
+        if r["method"] == "segad_fusion":
+            continue
         pixel = r.get("pixel_auroc")
         pixel_text = f"{pixel:11.4f}" if pixel is not None and pixel == pixel else f"{'-':>11}"
         print(f"{r['category']:<16} {r['method']:<12} {r['image_auroc']:11.4f} {pixel_text} "
               f"{r['f1_max']:7.4f} {r.get('accuracy', float('nan')):8.4f}")
+    if fused:
+        print("\nSegAD fusion: image AUROC, mean ± std over seeds, on the images the fusion did "
+              "not train on\n(each detector alone on the same images in brackets)")
+        for r in fused:
+            alone = ", ".join(f"{k.split('.')[0]} {v:.4f}" for k, v in sorted(r.items())
+                              if k.endswith("image_score_auroc_mean"))
+            print(f"{r['category']:<16} fusion {r['image_auroc']:.4f} ± "
+                  f"{r.get('image_auroc_std') or 0:.4f}   ({alone})")
     print(f"\nMLflow: experiment {summary['experiment']!r}, run {summary['parent_run_id']}"
           f"{'  (every step cached)' if summary['all_steps_cached'] else ''}")
 

@@ -36,6 +36,7 @@ extract_features = task(steps.features_step, name="features",
 train = task(steps.train_step, name="train", **CACHED)
 score = task(steps.score_step, name="score", **CACHED)
 evaluate = task(steps.evaluate_step, name="evaluate", **CACHED)
+fuse = task(steps.fusion_step, name="fusion", **CACHED)
 
 
 @dataclass
@@ -79,7 +80,7 @@ def pipeline(params: PipelineParams, verbose: bool = True) -> dict:
     patches = log.run("patches", plan_patches, scanned.manifest, p.patches.size,
                       p.patches.stride, p.patches.min_mean_intensity, cache)
 
-    results = []
+    results, fusions = [], []
     for category in sorted(scanned.manifest.table()["category"].unique()):
         stats = log.run(f"normalization [{category}]", normalize, patches, scanned.manifest,
                         category, p.normalization, denoise)
@@ -103,9 +104,15 @@ def pipeline(params: PipelineParams, verbose: bool = True) -> dict:
                                 p.evaluation.overlays, cache)
             results.append(dict(category=category, method=method, method_params=resolved,
                                 normalization=stats, model=model, evaluation=evaluated,
-                                features=store))
+                                features=store, scores=scores))
+        scored = {r["method"]: r["scores"] for r in results if r["category"] == category}
+        if p.fusion.enabled and len(scored) >= 2 and p.patches.size is None:
+            fused = log.run(f"fusion [{category}]", fuse, scored, scanned.manifest, category,
+                            p.fusion.model_dump(mode="json"), cache)
+            fusions.append(dict(category=category, fusion=fused))
 
     from ..tasks.tracking import record_pipeline
 
     track = task(record_pipeline, name="track", cache_policy=NO_CACHE)
-    return track(p, scanned, properties, results, log.rows, seconds=time.perf_counter() - started)
+    return track(p, scanned, properties, results, log.rows, seconds=time.perf_counter() - started,
+                 fusions=fusions)

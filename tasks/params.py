@@ -74,6 +74,19 @@ class EvaluationParams(_Strict):
     overlays: int = Field(6, ge=0)
 
 
+class FusionParams(_Strict):
+    """SegAD fusion of the detectors' anomaly maps (needs two or more methods)."""
+
+    enabled: bool = True
+    segmentation: Literal["grid", "superpixels"] = "grid"
+    segments: int = Field(16, ge=1, le=1024)   # K
+    classifier: Literal["brf", "rf", "bt"] = "brf"  # SegAD appendix A.1 and its ablations
+    n_defective: int = Field(20, ge=1)  # labelled defective test images per seed
+    seeds: int = Field(10, ge=1)
+    seed: int = 0
+    n_jobs: int = Field(1, ge=1)  # XGBoost threads; 1 avoided spin-waiting on a busy 2-core CPU
+
+
 class CategorizationParams(_Strict):
     n_clusters: int | None = Field(None, ge=1)
     max_side: int = Field(256, ge=16)
@@ -92,6 +105,7 @@ class PipelineParams(_Strict):
     features: FeatureParams = FeatureParams()
     methods: dict[str, dict[str, Any]] = {"patchcore": {}}
     evaluation: EvaluationParams = EvaluationParams()
+    fusion: FusionParams = FusionParams()
     categorization: CategorizationParams = CategorizationParams()
     tracking: TrackingParams = TrackingParams()
     cache_dir: str = ".defectflow-cache"

@@ -481,3 +481,65 @@ def _save_overlays(folder: Path, test: pd.DataFrame, test_patches: pd.DataFrame,
 
 def device_name(device: str) -> str:
     return resolve_device(device)
+
+
+# -- 7b. SegAD fusion ----------------------------------------------------------------------
+def fusion_step(method_scores: dict[str, Ref], manifest: Ref, category: str, fusion: dict,
+                cache_dir: str) -> Ref:
+    """SegAD: per-segment statistics of every detector's anomaly maps, a boosted random forest
+    trained on held-out good images plus a few labelled defects, over ``fusion["seeds"]``
+    seeds. Writes per_seed.csv, scores.csv and summary.json.
+
+    The images are those every detector scored (a supervised detector leaves out the defects
+    it trained on). Only whole-image runs are fused: with patches the maps are per window.
+    """
+    from . import fusion as segad
+    from .images import read_image
+
+    key = text_hash("fusion", STEP_VERSION, category, json.dumps(fusion, sort_keys=True),
+                    *sorted(f"{m}:{r.key}" for m, r in method_scores.items()))
+    final = _out(cache_dir, "fusions", key)
+    if final.exists():
+        return Ref(str(final), key)
+    man = manifest.table().set_index("image_id")
+    detectors = sorted(method_scores)
+    tables = {m: pd.read_parquet(Path(method_scores[m].path) / "scores.parquet")
+              for m in detectors}
+    if any(t["image_id"].duplicated().any() for t in tables.values()):
+        raise DefectflowError(f"fusion needs whole images, not patches (category {category!r})")
+    common = sorted(set.intersection(*(set(t["image_id"]) for t in tables.values())))
+    maps = []
+    for method in detectors:
+        table = tables[method].reset_index(drop=True)
+        rows = table.reset_index().set_index("image_id").loc[common, "index"].to_numpy()
+        stored = np.load(Path(method_scores[method].path) / "anomaly_maps.npy", mmap_mode="r")
+        maps.append(np.asarray(stored[np.sort(rows)])[np.argsort(np.argsort(rows))])
+    size = maps[0].shape[-1]
+    k = int(fusion["segments"])
+    if fusion["segmentation"] == "superpixels":
+        # Computed once on a reference good image of the category, applied to all (SegAD).
+        reference = man[(man["category"] == category) & (man["split"] == "train")].index.min()
+        segments = segad.superpixel_segments(read_image(man.loc[reference, "path"]), k, size,
+                                             seed=fusion["seed"])
+    else:
+        segments = segad.grid_segments(size, k)
+    features = segad.feature_frame(maps, segments, common, detectors)
+    labels = man.loc[common, "label"].astype(int)
+    splits = segad.supervised_splits(common, labels.tolist(), man.loc[common, "split"].tolist(),
+                                     n_defective=fusion["n_defective"],
+                                     seeds=range(fusion["seed"], fusion["seed"] + fusion["seeds"]))
+    segad.assert_no_leakage(splits)
+    result = segad.run_protocol(features, labels, splits, kind=fusion["classifier"],
+                                baselines=[f"{d}.image_score" for d in detectors],
+                                n_jobs=fusion["n_jobs"])
+    partial = final.with_name(final.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    result.per_seed.to_csv(partial / "per_seed.csv", index=False)
+    result.scores.to_csv(partial / "scores.csv", index=False)
+    summary = {k_: float(v) for k_, v in result.summary.items()}
+    summary.update(n_images=len(common), n_segments=segad.count_segments(segments),
+                   detectors=",".join(detectors))
+    (partial / "summary.json").write_text(json.dumps(summary, indent=1))
+    _finish_folder(partial, final)
+    return Ref(str(final), key)

@@ -104,7 +104,7 @@ def _default_artifact_root(uri: str) -> Path:
 
 
 def record_pipeline(params, scanned, properties, results: list[dict], step_rows: list[dict],
-                    seconds: float) -> dict:
+                    seconds: float, fusions: list[dict] | None = None) -> dict:
     """Log one pipeline invocation: parent run (data tables, step cache report), one child
     run per (category, method) with its metrics, plots, overlays and fitted detector.
 
@@ -165,6 +165,31 @@ def record_pipeline(params, scanned, properties, results: list[dict], step_rows:
             tracker.finish(child)
             summary["results"].append({"category": result["category"],
                                        "method": result["method"], "run_id": child, **metrics})
+        for fused in fusions or []:
+            folder = Path(fused["fusion"].path)
+            summary_values = json.loads((folder / "summary.json").read_text())
+            tags = {**base_tags, "category": fused["category"], "method": "segad_fusion"}
+            child = tracker.start_child(
+                f"{fused['category']}-segad_fusion",
+                {**flatten(params), "fusion.detectors": summary_values["detectors"]}, tags)
+            per_seed = pd.read_csv(folder / "per_seed.csv")
+            for row in per_seed.itertuples(index=False):  # one step per seed
+                tracker.log_metrics(child, {"seed_image_auroc": row.image_auroc,
+                                            "seed_image_aupr": row.image_aupr}, step=int(row.seed))
+            numeric = {k: v for k, v in summary_values.items() if isinstance(v, (int, float))}
+            tracker.log_metrics(child, numeric)
+            for name in ("per_seed.csv", "scores.csv", "summary.json"):
+                tracker.log_file(child, folder / name)
+            tracker.finish(child)
+            summary["results"].append({"category": fused["category"], "method": "segad_fusion",
+                                       "run_id": child,
+                                       "image_auroc": numeric.get("image_auroc_mean"),
+                                       "image_auroc_std": numeric.get("image_auroc_std"),
+                                       **{k: v for k, v in numeric.items()
+                                          if k.endswith("image_score_auroc_mean")}})
+        comparison = pd.DataFrame([{k: v for k, v in r.items() if k != "run_id"}
+                                   for r in summary["results"]])
+        tracker.log_table(parent, comparison, "comparison.csv", work)
         tracker.log_metrics(parent, {"total_seconds": seconds})
     tracker.finish(parent)
     summary["total_seconds"] = seconds

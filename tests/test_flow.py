@@ -147,3 +147,38 @@ def test_mask_size_error_in_a_flow_run_is_one_line_and_loses_nothing(first_run, 
     # Nothing that was cached before is gone.
     cache_after = {p.relative_to(tmp) for p in (tmp / "cache").rglob("*")}
     assert set(cache_before) <= cache_after
+
+
+def test_two_detectors_are_fused_without_leakage(tmp_path, capsys):
+    # Enough held-out good images (30% of 48) that XGBoost's trees can split at all.
+    data = make_folder_dataset(tmp_path / "product", n_good=60, n_bad=20)
+    params = write_params(tmp_path, data, fusion={"seeds": 2, "n_defective": 8, "segments": 4})
+    text = yaml.safe_load(params.read_text())
+    text["dataset"]["validation_fraction"] = 0.3
+    text["methods"] = {"patchcore": {"coreset_ratio": 0.5}, "padim": {}}
+    params.write_text(yaml.safe_dump(text))
+    assert main(["run", str(params), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "SegAD fusion" in out and "padim" in out
+
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("generated")
+    runs = client.search_runs([experiment.experiment_id])
+    fusion = next(r for r in runs if r.data.tags.get("method") == "segad_fusion")
+    assert fusion.data.metrics["image_auroc_mean"] >= 0.9
+    assert {"per_seed.csv", "scores.csv", "summary.json"} <= {
+        a.path for a in client.list_artifacts(fusion.info.run_id)}
+    history = client.get_metric_history(fusion.info.run_id, "seed_image_auroc")
+    assert sorted(m.step for m in history) == [0, 1]
+    # No image the fusion trained on is among the images it was evaluated on.
+    scores = pd.read_csv(client.download_artifacts(fusion.info.run_id, "scores.csv", str(tmp_path)))
+    fusion_folder = next((tmp_path / "cache" / "fusions").iterdir())
+    assert set(scores["image_id"]).isdisjoint(
+        set(pd.read_parquet(next((tmp_path / "cache" / "manifests").iterdir()))
+            .query("split == 'val'")["image_id"]))
+    assert fusion_folder.is_dir()
+    parent = next(r for r in runs if not r.data.tags.get("mlflow.parentRunId"))
+    assert "comparison.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
