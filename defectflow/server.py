@@ -23,6 +23,17 @@ from pathlib import Path
 _process: subprocess.Popen | None = None
 
 
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM when our process dies, even when killed (no atexit)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -45,7 +56,8 @@ def start_early() -> bool:
          str(Path(list(spec.submodule_search_locations)[0]).parent),
          "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
          "--port", str(port), "--log-level", "error", "--lifespan", "on"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
     # At exit, signal the server and do not wait for its graceful shutdown (~2 s).
     atexit.register(stop, False)
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"

@@ -1,0 +1,102 @@
+"""CPU training time of every detector on Magnetic Tile, with each method's main settings.
+
+Runs the pipeline's plain steps (no Prefect, no MLflow) on the data of a
+params file (default ``params/magnetic-tile-all.yaml``): scan, patches,
+normalization and features once (from the shared cache when present), then
+for each method a timed fit and a timed scoring of the test images, and
+prints a table: method, main settings, fit seconds, score seconds, image AUROC.
+
+    python bench/methods.py
+    python bench/methods.py params/elpv-all.yaml --methods patchcore padim
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN_SETTINGS = {
+    "patchcore": ("coreset_ratio", "num_neighbors"),
+    "padim": ("n_channels",),
+    "ensemble": ("n_components", "epochs", "hidden"),
+    "cutpaste": ("epochs", "images_per_epoch", "augmentations"),
+    "classifier": ("epochs", "unfreeze", "n_defective"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("params", nargs="?", default=str(ROOT / "params" / "magnetic-tile-all.yaml"))
+    parser.add_argument("--methods", nargs="+", help="default: the params file's methods")
+    args = parser.parse_args()
+
+    from defectflow.tasks import steps
+    from defectflow.tasks.evaluation import image_metrics
+    from defectflow.tasks.methods import METHODS
+    from defectflow.tasks.params import load_params, method_params
+
+    p = load_params(args.params)
+    cache = p.cache_dir
+    dataset = p.dataset.model_dump(mode="json")
+    fingerprint = steps.source_fingerprint(p.dataset.layout, p.dataset.path)
+    scanned = steps.scan_step(dataset, fingerprint, cache)
+    patches = steps.patches_step(scanned.manifest, p.patches.size, p.patches.stride,
+                                 p.patches.min_mean_intensity, cache)
+    manifest = scanned.manifest.table()
+    features = p.features.model_dump(mode="json")
+    rows = []
+    for category in sorted(manifest["category"].unique()):
+        stats = {**steps.normalization_step(patches, scanned.manifest, category,
+                                            p.normalization), "denoise": None}
+        start = time.perf_counter()
+        store = steps.features_step(patches, scanned.manifest, category, features, stats,
+                                    cache, progress=False)
+        print(f"[{category}] features ready in {time.perf_counter() - start:.1f} s "
+              "(0 when cached)", flush=True)
+        table = steps._category_rows(patches, category)
+        for method in args.methods or list(p.methods):
+            options = p.methods.get(method, {})
+            params = method_params(method, options, p.features.layers)
+            detector_cls = METHODS[method]
+            selected = (table["split"] == "train").to_numpy()
+            defects = []
+            if detector_cls.needs_labelled_defects:
+                defects = steps.labelled_defects(manifest, category, params.n_defective,
+                                                 params.seed)
+                selected |= table["image_id"].isin(defects).to_numpy()
+            train = steps._patch_set(store, table, selected, scanned.manifest,
+                                     p.features.input_size, stats, p.features.device)
+            test = steps._patch_set(store, table, ((table["split"] == "test")
+                                                   & ~table["image_id"].isin(defects)).to_numpy(),
+                                    scanned.manifest, p.features.input_size, stats,
+                                    p.features.device)
+            start = time.perf_counter()
+            detector = detector_cls(params).fit(train)
+            fit_s = time.perf_counter() - start
+            start = time.perf_counter()
+            scores, _ = detector.score(test)
+            score_s = time.perf_counter() - start
+            auroc = image_metrics(test.table["label"].to_numpy(), scores, np.inf)["image_auroc"]
+            values = dataclasses.asdict(params)
+            settings = ", ".join(f"{k}={values[k]}" for k in MAIN_SETTINGS.get(method, ())
+                                 if k in values)
+            rows.append((category, method, settings, fit_s, score_s, len(train), len(test), auroc))
+            print(f"[{category}] {method}: fit {fit_s:.1f} s, score {score_s:.1f} s", flush=True)
+
+    print()
+    print(f"params: {args.params}   (2-core CPU; features extracted once, shared by all methods)")
+    print(f"{'category':<14} {'method':<11} {'fit s':>7} {'score s':>8} {'train':>6} {'test':>5} "
+          f"{'image AUROC':>11}  main settings")
+    for category, method, settings, fit_s, score_s, n_train, n_test, auroc in rows:
+        print(f"{category:<14} {method:<11} {fit_s:7.1f} {score_s:8.1f} {n_train:6d} {n_test:5d} "
+              f"{auroc:11.4f}  {settings}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
