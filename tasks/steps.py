@@ -311,6 +311,11 @@ def evaluate_step(scores: Ref, manifest: Ref, category: str, threshold_quantile:
     labels, values = test["label"].to_numpy(), test["score"].to_numpy()
     metrics = evaluation.image_metrics(labels, values, threshold)
     metrics["threshold"] = threshold
+    metrics["fpr_at_95_tpr"] = evaluation.fpr_at_tpr(labels, values, 0.95)
+    if len(set(test["defect_type"])) > 2:  # good plus two or more defect types
+        for defect, auroc in evaluation.per_defect_type_auroc(
+                labels, values, test["defect_type"].to_numpy()).items():
+            metrics[f"image_auroc.{defect}"] = auroc
     metrics.update(n_test_images=len(test), n_test_defective=int(labels.sum()),
                    n_val_images=len(val))
 
@@ -437,7 +442,12 @@ def _pixel_metrics(test_patches: pd.DataFrame, maps: np.ndarray, manifest: pd.Da
         else:
             continue
         pixel_maps.append(np.asarray(maps[position], dtype=np.float32))
-    return evaluation.pixel_metrics(masks, pixel_maps)
+    metrics = evaluation.pixel_metrics(masks, pixel_maps)
+    defect_masks = [m for m in masks if m is not None and m.any()]
+    if defect_masks:
+        # Region-level localization (MVTec AD): AUPRO up to 30% FPR, normalized.
+        metrics["aupro"] = evaluation.aupro(masks, pixel_maps, fpr_limit=0.3)
+    return metrics
 
 
 def _mask_crop(row, mask_path: str, image_hw, map_hw) -> np.ndarray:

@@ -63,7 +63,8 @@ def test_run_trains_evaluates_tracks_and_reruns_from_cache(first_run, capsys):
         "backbone": "efficientnet_lite0"}
     assert child.data.metrics["image_auroc"] >= 0.95
     assert {"pixel_auroc", "f1_max", "precision", "recall", "accuracy", "tp", "fp", "tn", "fn",
-            "threshold"} <= set(child.data.metrics)
+            "threshold", "aupro", "fpr_at_95_tpr"} <= set(child.data.metrics)
+    assert 0.5 < child.data.metrics["aupro"] <= 1.0
     assert child.data.params["features.input_size"] == "64"
     assert child.data.params["method.coreset_ratio"] == "0.5"
     child_files = {a.path for a in client.list_artifacts(child.info.run_id)}
