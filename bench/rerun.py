@@ -90,7 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("params", nargs="?", default=str(ROOT / "params" / "elpv.yaml"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--mode", choices=["ephemeral", "server", "both"], default="both")
+    parser.add_argument("--mode", choices=["ephemeral", "server", "both"], default="ephemeral")
     args = parser.parse_args()
     modes = ["ephemeral", "server"] if args.mode == "both" else [args.mode]
 
