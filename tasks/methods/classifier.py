@@ -61,13 +61,20 @@ class ClassifierParams:
     seed: int = 0
 
     def __post_init__(self):
+        # YAML reads "5e-5" as a string: accept numbers written either way.
+        for field, kind in (("n_defective", int), ("epochs", int), ("step_size", int),
+                            ("batch_size", int), ("seed", int), ("lr", float), ("gamma", float)):
+            try:
+                setattr(self, field, kind(getattr(self, field)))
+            except (TypeError, ValueError):
+                raise ValueError(f"{field} must be a number, got {getattr(self, field)!r}") from None
         for field, value, allowed in (("backbone", self.backbone, BACKBONES),
                                       ("unfreeze", self.unfreeze, UNFREEZE),
                                       ("imbalance", self.imbalance, IMBALANCE)):
             if value not in allowed:
                 raise ValueError(f"{field} must be one of {list(allowed)}, got {value!r}")
         for field in ("n_defective", "epochs", "step_size", "batch_size"):
-            if int(getattr(self, field)) < 1:
+            if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
