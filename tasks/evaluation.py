@@ -139,22 +139,9 @@ def pixel_metrics(
     ``pixel_auroc`` is NaN unless both classes occur, ``pixel_aupr`` without a
     defective pixel.
     """
-    if len(masks) != len(maps):
-        raise DefectflowError(f"{len(masks)} masks but {len(maps)} anomaly maps")
-    if not maps:
-        raise DefectflowError("no anomaly maps to evaluate")
+    _check_maps(masks, maps)
     if max_pixels < 1:
         raise DefectflowError(f"max_pixels must be positive, got {max_pixels}")
-    for index, (mask, anomaly_map) in enumerate(zip(masks, maps)):
-        if np.ndim(anomaly_map) != 2:
-            raise DefectflowError(
-                f"anomaly map #{index} has shape {np.shape(anomaly_map)}, expected H x W"
-            )
-        if mask is not None and np.shape(mask) != np.shape(anomaly_map):
-            raise DefectflowError(
-                f"mask #{index} has shape {np.shape(mask)}, its anomaly map "
-                f"{np.shape(anomaly_map)}"
-            )
 
     sizes = np.array([np.size(anomaly_map) for anomaly_map in maps], dtype=np.int64)
     if sizes.sum() > max_pixels:

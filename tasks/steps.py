@@ -400,15 +400,10 @@ def _stitched_pixel_metrics(test_patches: pd.DataFrame, maps: np.ndarray,
 def _save_full_image_figures(folder: Path, test: pd.DataFrame, test_patches: pd.DataFrame,
                              maps: np.ndarray, manifest: pd.DataFrame, count: int) -> None:
     """Thesis Fig. 6.3 style figures (image, ground truth, stitched map, overlay)."""
-    from . import evaluation
     from .stitching import full_image_figure
 
-    folder.mkdir()
-    if count <= 0:
-        return
+    picks = _overlay_picks(folder, test, count)
     man = manifest.set_index("image_id")
-    picks = evaluation.pick_overlay_examples(test["label"].to_numpy(), test["score"].to_numpy(),
-                                             n=count)
     vmax = float(np.quantile(test_patches["score"], 0.99))
     for pick in picks:
         image_id = test["image_id"].iloc[pick]
@@ -458,16 +453,25 @@ def _mask_crop(row, mask_path: str, image_hw, map_hw) -> np.ndarray:
     return cv2.resize(crop, (map_hw[1], map_hw[0]), interpolation=cv2.INTER_NEAREST) > 0
 
 
-def _save_overlays(folder: Path, test: pd.DataFrame, test_patches: pd.DataFrame,
-                   maps: np.ndarray, manifest: pd.DataFrame, count: int) -> None:
+def _overlay_picks(folder: Path, test: pd.DataFrame, count: int) -> list[int]:
+    """Create the overlay folder; the test images (positions in ``test``) to draw."""
     from . import evaluation
 
     folder.mkdir()
     if count <= 0:
+        return []
+    return evaluation.pick_overlay_examples(test["label"].to_numpy(), test["score"].to_numpy(),
+                                            n=count)
+
+
+def _save_overlays(folder: Path, test: pd.DataFrame, test_patches: pd.DataFrame,
+                   maps: np.ndarray, manifest: pd.DataFrame, count: int) -> None:
+    from . import evaluation
+
+    picks = _overlay_picks(folder, test, count)
+    if not picks:
         return
     man = manifest.set_index("image_id")
-    picks = evaluation.pick_overlay_examples(test["label"].to_numpy(), test["score"].to_numpy(),
-                                             n=count)
     # One colour scale for every overlay, so that maps compare by eye.
     peaks = np.asarray(maps[test_patches.index.to_numpy()], dtype=np.float32).max(axis=(1, 2))
     vmax = float(np.quantile(peaks, 0.99))
