@@ -69,7 +69,7 @@ def main() -> None:
             if detector_cls.needs_labelled_defects:
                 defects = steps.labelled_defects(manifest, category, params.n_defective,
                                                  params.seed)
-                selected |= table["image_id"].isin(defects).to_numpy()
+                selected = selected | table["image_id"].isin(defects).to_numpy()
             train = steps._patch_set(store, table, selected, scanned.manifest,
                                      p.features.input_size, stats, p.features.device)
             test = steps._patch_set(store, table, ((table["split"] == "test")

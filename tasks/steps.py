@@ -230,7 +230,7 @@ def train_step(store: FeatureStoreRef, patches: Ref, manifest: Ref, category: st
             defects = labelled_defects(manifest.table(), category,
                                        method_params.get("n_defective", 0),
                                        method_params.get("seed", 0))
-            selected |= rows["image_id"].isin(defects).to_numpy()
+            selected = selected | rows["image_id"].isin(defects).to_numpy()
         train = _patch_set(store, rows, selected, manifest, input_size, stats, device)
         if not (train.table["split"] == "train").any():
             raise DefectflowError(f"category {category!r} has no training images")

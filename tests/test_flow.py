@@ -156,11 +156,12 @@ def test_two_detectors_are_fused_without_leakage(tmp_path, capsys):
     params = write_params(tmp_path, data, fusion={"seeds": 2, "n_defective": 8, "segments": 4})
     text = yaml.safe_load(params.read_text())
     text["dataset"]["validation_fraction"] = 0.3
-    text["methods"] = {"patchcore": {"coreset_ratio": 0.5}, "padim": {}}
+    text["methods"] = {"patchcore": {"coreset_ratio": 0.5}, "padim": {},
+                       "classifier": {"n_defective": 4, "epochs": 2, "lr": 3e-4}}
     params.write_text(yaml.safe_dump(text))
     assert main(["run", str(params), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "SegAD fusion" in out and "padim" in out
+    assert "SegAD fusion" in out and "padim" in out and "classifier" in out
 
     import pandas as pd
     from mlflow.tracking import MlflowClient
@@ -181,5 +182,17 @@ def test_two_detectors_are_fused_without_leakage(tmp_path, capsys):
         set(pd.read_parquet(next((tmp_path / "cache" / "manifests").iterdir()))
             .query("split == 'val'")["image_id"]))
     assert fusion_folder.is_dir()
+    # The classifier trained on a few labelled defects and never scored them.
+    import json
+
+    trained_on = set()
+    for folder in (tmp_path / "cache" / "models").iterdir():
+        trained_on |= set(json.loads((folder / "train_defects.json").read_text()))
+    assert len(trained_on) == 4
+    classifier = next(r for r in runs if r.data.tags.get("method") == "classifier")
+    (tmp_path / "dl").mkdir()
+    scored = pd.read_csv(client.download_artifacts(classifier.info.run_id, "scores.csv",
+                                                   str(tmp_path / "dl")))
+    assert trained_on.isdisjoint(scored["image_id"]) and len(scored) > 0
     parent = next(r for r in runs if not r.data.tags.get("mlflow.parentRunId"))
     assert "comparison.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
