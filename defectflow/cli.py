@@ -77,7 +77,8 @@ def print_summary(summary: dict) -> None:
               f"{r['f1_max']:7.4f} {r.get('accuracy', float('nan')):8.4f}")
     if fused:
         print("\nSegAD fusion: image AUROC, mean ± std over seeds, on the images the fusion did "
-              "not train on\n(each detector alone on the same images in brackets)")
+              "not train on\n(in brackets: each detector's anomaly-map maximum alone, "
+              "on the same images)")
         for r in fused:
             alone = ", ".join(f"{k.split('.')[0]} {v:.4f}" for k, v in sorted(r.items())
                               if k.endswith("image_score_auroc_mean"))
