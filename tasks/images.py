@@ -31,15 +31,21 @@ def text_hash(*parts: object) -> str:
     return digest.hexdigest()
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """An image as an RGB uint8 array (H, W, 3); grayscale files are repeated to three channels."""
+def _decode(path: str | Path, flags: int, what: str) -> np.ndarray:
+    """Decode an image file with OpenCV; a missing or undecodable file is an error naming it."""
     path = Path(path)
     if not path.is_file():
-        raise DefectflowError("image file not found", path)
+        raise DefectflowError(f"{what} file not found", path)
     data = np.fromfile(str(path), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    if image is None:
-        raise DefectflowError("cannot decode image (corrupt or not an image file)", path)
+    decoded = cv2.imdecode(data, flags) if data.size else None
+    if decoded is None:
+        raise DefectflowError(f"cannot decode {what} (corrupt or not an image file)", path)
+    return decoded
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image as an RGB uint8 array (H, W, 3); grayscale files are repeated to three channels."""
+    image = _decode(path, cv2.IMREAD_UNCHANGED, "image")
     if image.dtype != np.uint8:  # 16-bit PNG/TIFF: scale to 8 bit
         image = cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
     if image.ndim == 2:
@@ -55,13 +61,7 @@ def read_mask(path: str | Path, expected_hw: tuple[int, int] | None = None) -> n
     ``expected_hw`` is the (height, width) of the image the mask belongs to; a
     mask of another size is an error naming the mask file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DefectflowError("mask file not found", path)
-    data = np.fromfile(str(path), dtype=np.uint8)
-    mask = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None
-    if mask is None:
-        raise DefectflowError("cannot decode mask (corrupt or not an image file)", path)
+    mask = _decode(path, cv2.IMREAD_GRAYSCALE, "mask")
     if expected_hw is not None and tuple(mask.shape[:2]) != tuple(expected_hw):
         raise DefectflowError(
             f"mask size {mask.shape[1]}x{mask.shape[0]} differs from its image's "
@@ -73,10 +73,6 @@ def read_mask(path: str | Path, expected_hw: tuple[int, int] | None = None) -> n
 
 def image_header(path: str | Path) -> tuple[int, int, int]:
     """(width, height, channels) of an image file, decoding it to be sure it is readable."""
-    path = Path(path)
-    data = np.fromfile(str(path), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    if image is None:
-        raise DefectflowError("cannot decode image (corrupt or not an image file)", path)
+    image = _decode(path, cv2.IMREAD_UNCHANGED, "image")
     channels = 1 if image.ndim == 2 else image.shape[2]
     return int(image.shape[1]), int(image.shape[0]), int(channels)
