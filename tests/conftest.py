@@ -62,3 +62,17 @@ def make_folder_dataset(root: Path, n_good: int = 30, n_bad: int = 8, size: int 
 @pytest.fixture
 def folder_dataset(tmp_path: Path) -> Path:
     return make_folder_dataset(tmp_path / "product")
+
+
+def prepared_product(root: Path, n_good: int = 30, n_bad: int = 8):
+    """A generated folder dataset, scanned and planned: (manifest, patches, paths, stats)."""
+    from defectflow.tasks import datasets
+    from defectflow.tasks.normalization import channel_stats
+    from defectflow.tasks.patches import plan_patches
+
+    make_folder_dataset(root, n_good=n_good, n_bad=n_bad)
+    manifest = datasets.scan_dataset("folder", root).manifest
+    patches = plan_patches(manifest)
+    paths = dict(zip(manifest.image_id, manifest.path))
+    stats = channel_stats(patches[patches.split == "train"], paths)
+    return manifest, patches, paths, stats

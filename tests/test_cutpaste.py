@@ -244,13 +244,10 @@ def test_projection_head_follows_the_thesis():
 
 @pytest.fixture(scope="module")
 def product(tmp_path_factory):
-    from conftest import make_folder_dataset
+    from conftest import prepared_product
 
-    root = make_folder_dataset(tmp_path_factory.mktemp("data") / "product", n_good=30, n_bad=8)
-    manifest = datasets.scan_dataset("folder", root).manifest
-    patches = plan_patches(manifest)
-    paths = dict(zip(manifest.image_id, manifest.path))
-    stats = channel_stats(patches[patches.split == "train"], paths)
+    manifest, patches, paths, stats = prepared_product(
+        tmp_path_factory.mktemp("data") / "product")
 
     def subset(splits, limit=None):
         pos = np.flatnonzero(patches["split"].isin(splits).to_numpy())[:limit]
