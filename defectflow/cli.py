@@ -86,6 +86,10 @@ def print_summary(summary: dict) -> None:
                   f"{r.get('image_auroc_std') or 0:.4f}   ({alone})")
     print(f"\nMLflow: experiment {summary['experiment']!r}, run {summary['parent_run_id']}"
           f"{'  (every step cached)' if summary['all_steps_cached'] else ''}")
+    for r in summary.get("registered", []):  # params.registry.enabled
+        aliases = ", ".join(f"{k} -> version {v}" for k, v in r.items()
+                            if k not in ("name", "version", "category", "method"))
+        print(f"registered {r['name']} version {r['version']}  ({aliases})")
 
 
 class _HideInputErrors(logging.Filter):
@@ -117,14 +121,91 @@ def cmd_run(args) -> int:
     preflight(params)
     print(f"defectflow: {params.dataset_name} with {params.features.backbone}, "
           f"methods {sorted(params.methods)}  (params: {path or 'built-in defaults'})", flush=True)
-    from defectflow.flows.pipeline import pipeline
+    from defectflow.flows.runners import run_pipeline
     from defectflow.tasks import tracking  # noqa: F401  (MLflow's import, while the server boots)
 
     server.wait_ready()
     _quiet_prefect_input_errors()
-    summary = pipeline(params, verbose=not args.quiet)
+    summary = run_pipeline(params, verbose=not args.quiet)  # on params' execution.task_runner
     print_summary(summary)
     print(f"total time: {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def cmd_score(args) -> int:
+    """Score the inbox's new images once, or every ``--every`` seconds as a Prefect deployment."""
+    from defectflow.tasks.errors import DefectflowError
+
+    inbox, out = Path(args.inbox), Path(args.out)
+    if not inbox.is_dir():
+        raise DefectflowError("inbox folder not found", inbox)
+    if args.every is not None and args.every <= 0:
+        raise DefectflowError(f"--every must be a positive number of seconds, got {args.every}")
+    if args.every is not None and not os.environ.get("PREFECT_API_URL"):
+        # Prefect's temporary server has no scheduler: interval runs would never start.
+        raise DefectflowError("--every needs a Prefect server with a scheduler: run "
+                              "`python3 -m defectflow.prefect_server` and set PREFECT_API_URL="
+                              "http://127.0.0.1:4200/api")
+    out.mkdir(parents=True, exist_ok=True)
+    parameters = dict(model=args.model, inbox=str(inbox.resolve()), out=str(out.resolve()),
+                      tracking_uri=args.tracking_uri)
+    from defectflow import server
+
+    server.start_early()  # no-op when PREFECT_API_URL is set
+    from defectflow.flows.score import serve_every, score_flow
+    from defectflow.tasks.tracking import resolve_model
+
+    resolve_model(args.model, args.tracking_uri)  # a wrong NAME@ALIAS fails here, in one line
+    server.wait_ready()
+    _quiet_prefect_input_errors()
+    if args.every is not None:
+        print(f"defectflow: scoring {inbox} with {args.model} every {args.every:g} s "
+              "(Ctrl+C stops)", flush=True)
+        serve_every(args.every, **parameters)
+        return 0
+    summary = score_flow(**parameters)
+    print(f"defectflow: {summary['model']} version {summary['model_version']}: scored "
+          f"{summary['n_scored']} ({summary['n_defective']} defective), quarantined "
+          f"{summary['n_quarantined']}" + ("  (another batch is running: skipped)"
+                                           if summary["busy"] else ""))
+    if summary["n_scored"] or summary["n_quarantined"]:
+        print(f"results: {out / 'results.csv'}   MLflow run: {summary['run_id']}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """Serve the training pipeline as a Prefect deployment on a cron or interval schedule."""
+    from defectflow.tasks.errors import DefectflowError
+    from defectflow.tasks.params import load_params
+
+    if args.interval is not None and args.interval <= 0:
+        raise DefectflowError(f"--interval must be a positive number of seconds, "
+                              f"got {args.interval:g}")
+    overrides = _parse_overrides(args.set or [])
+    params = load_params(args.params, overrides)  # bad params fail now, not at the first run
+    preflight(params)
+    from prefect.settings import Settings
+
+    api_url = Settings().api.url  # read now from the environment and profile
+    if args.cron is not None:
+        from prefect.client.schemas.schedules import CronSchedule
+        from pydantic import ValidationError
+
+        try:
+            CronSchedule(cron=args.cron)
+        except ValidationError as exc:
+            raise DefectflowError(f"--cron {args.cron!r}: {exc.errors()[0]['msg']}") from None
+    if not api_url:
+        # Prefect's temporary server has no scheduler: scheduled runs would never start.
+        raise DefectflowError("serve needs a Prefect server with a scheduler: run `prefect "
+                              "server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
+    from defectflow.flows.schedule import serve
+
+    when = f"cron {args.cron!r}" if args.cron is not None else f"every {args.interval:g} s"
+    print(f"defectflow: serving {params.dataset_name} training ({args.params}) {when} as "
+          f"deployment 'defectflow-training/{args.name}' on {api_url} "
+          "(Ctrl+C stops)", flush=True)
+    serve(args.params, overrides, cron=args.cron, interval=args.interval, name=args.name)
     return 0
 
 
@@ -138,6 +219,32 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no per-step progress")
     run.add_argument("--verbose", action="store_true", help="show Prefect's logs")
     run.set_defaults(func=cmd_run)
+    score = sub.add_parser("score", help="score an inbox of new images with a registered model")
+    score.add_argument("--model", required=True, metavar="NAME@ALIAS",
+                       help="registered model, e.g. defectflow-elpv-mono-patchcore@champion "
+                            "(or NAME/VERSION)")
+    score.add_argument("--inbox", required=True, metavar="DIR", help="folder of new images")
+    score.add_argument("--out", required=True, metavar="DIR",
+                       help="results.csv, maps/ and overlays/ go here")
+    score.add_argument("--tracking-uri", default="sqlite:///mlflow.db", metavar="URI",
+                       help="MLflow tracking and registry URI (default: sqlite:///mlflow.db)")
+    score.add_argument("--every", type=float, metavar="SECONDS",
+                       help="serve as a Prefect deployment that scores every SECONDS")
+    score.add_argument("--verbose", action="store_true", help="show Prefect's logs")
+    score.set_defaults(func=cmd_score)
+    serve = sub.add_parser("serve", help="serve the training pipeline as a Prefect deployment "
+                                         "on a schedule (needs `prefect server start`)")
+    serve.add_argument("params", help="params YAML, read again at every scheduled run")
+    when = serve.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", metavar="EXPR", help='cron schedule, e.g. "0 2 * * *"')
+    when.add_argument("--interval", type=float, metavar="SECONDS",
+                      help="run every SECONDS seconds")
+    serve.add_argument("--name", default="scheduled",
+                       help="deployment name (default: scheduled)")
+    serve.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a parameter, e.g. --set execution.task_runner=dask")
+    serve.add_argument("--verbose", action="store_true", help="show Prefect's logs")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

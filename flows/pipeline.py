@@ -7,25 +7,49 @@
     5 train             → fitted detector per (category, method)
     6 score             → image scores + anomaly maps
     7 evaluate          → metrics, ROC, overlays
+    7b fuse, plots      → SegAD fusion and comparison figures per category
     8 track             → MLflow parent run + child run per (category, method)
 
 The Prefect tasks are thin wrappers of ``tasks.steps``; they cache on their
 inputs (small descriptors whose keys hash the data's content) and on their
 source, so a second identical run reuses every step.
+
+Steps are submitted to the flow's task runner (``execution`` in params, see
+``flows/runners.py``) and run as soon as their inputs are ready (``flows/steplog.py``):
+the categories run side by side, and within a category its methods, each method's
+train → score → evaluate in order; fusion and plots wait for all methods of their
+category. Results keep the order declared here.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass, field
 
 from prefect import flow, task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from ..tasks import steps
 from ..tasks.params import PipelineParams, method_params
+from .steplog import StepLog
 
 CACHED = dict(cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+
+# Some detectors seed torch's process-wide random generator while they fit. Two fits in
+# threads of one process would draw from it in turn and give different models each run;
+# one fit at a time per process keeps results the same on every task runner.
+_FIT_LOCK = threading.Lock()
+
+
+def _train_one_at_a_time(*args, **kwargs):
+    with _FIT_LOCK:
+        return steps.train_step(*args, **kwargs)
+
+
+# train_step's signature and source (TASK_SOURCE): the same cache keys as train_step itself.
+_train_one_at_a_time.__wrapped__ = steps.train_step
+
 
 scan = task(steps.scan_step, name="scan", **CACHED)
 categorize = task(steps.categorize_step, name="categorize", **CACHED)
@@ -33,36 +57,17 @@ plan_patches = task(steps.patches_step, name="patches", **CACHED)
 normalize = task(steps.normalization_step, name="normalization", **CACHED)
 extract_features = task(steps.features_step, name="features",
                         cache_policy=(INPUTS - "progress") + TASK_SOURCE, persist_result=True)
-train = task(steps.train_step, name="train", **CACHED)
+train = task(_train_one_at_a_time, name="train", **CACHED)
 score = task(steps.score_step, name="score", **CACHED)
 evaluate = task(steps.evaluate_step, name="evaluate", **CACHED)
 fuse = task(steps.fusion_step, name="fusion", **CACHED)
+make_plots = task(steps.plots_step, name="plots", **CACHED)
 
 
-@dataclass
-class StepLog:
-    """What each step did in this invocation: printed as it goes, and logged to MLflow."""
-
-    rows: list[dict] = field(default_factory=list)
-    verbose: bool = True
-
-    def run(self, label: str, step, *args, **kwargs):
-        start = time.perf_counter()
-        state = step(*args, return_state=True, **kwargs)
-        result = state.result()
-        if hasattr(result, "exists") and not result.exists():
-            # Prefect remembered a result whose files were deleted: compute it again.
-            state = step.with_options(refresh_cache=True)(*args, return_state=True, **kwargs)
-            result = state.result()
-        status = "cached" if state.name == "Cached" else "ran"
-        seconds = time.perf_counter() - start
-        self.rows.append({"step": label, "status": status, "seconds": round(seconds, 2)})
-        if self.verbose:
-            print(f"  {label:<40} {status:>6}  {seconds:7.1f} s", flush=True)
-        return result
-
-
-@flow(name="defectflow-pipeline", log_prints=False)
+# The default runner when the flow is called directly; the CLI picks it from params
+# (flows/runners.py run_pipeline).
+@flow(name="defectflow-pipeline", log_prints=False,
+      task_runner=ThreadPoolTaskRunner(max_workers=2))
 def pipeline(params: PipelineParams, verbose: bool = True) -> dict:
     """Train, evaluate and track every (category, method) of one dataset."""
     started = time.perf_counter()
@@ -75,44 +80,58 @@ def pipeline(params: PipelineParams, verbose: bool = True) -> dict:
 
     fingerprint = steps.source_fingerprint(p.dataset.layout, p.dataset.path)
     scanned = log.run("scan", scan, dataset, fingerprint, cache)
-    properties = log.run("categorize", categorize, scanned.manifest, p.categorization.n_clusters,
-                         p.categorization.max_side, p.dataset.seed, cache)
-    patches = log.run("patches", plan_patches, scanned.manifest, p.patches.size,
-                      p.patches.stride, p.patches.min_mean_intensity, cache)
+    properties = log.submit("categorize", categorize, scanned.manifest,
+                            p.categorization.n_clusters, p.categorization.max_side,
+                            p.dataset.seed, cache)
+    patches = log.submit("patches", plan_patches, scanned.manifest, p.patches.size,
+                         p.patches.stride, p.patches.min_mean_intensity, cache)
 
-    results, fusions = [], []
+    results, fusions, plots = [], [], []
     for category in sorted(scanned.manifest.table()["category"].unique()):
-        stats = log.run(f"normalization [{category}]", normalize, patches, scanned.manifest,
-                        category, p.normalization, denoise)
+        stats = log.submit(f"normalization [{category}]", normalize, patches, scanned.manifest,
+                           category, p.normalization, denoise)
         # The preprocessing travels with the statistics: every later step (and its cache key)
         # sees the same pixels.
-        stats = {**stats, "denoise": denoise}
-        store = log.run(f"features [{category}]", extract_features, patches, scanned.manifest,
-                        category, features, stats, cache, progress=verbose)
+        stats = log.then(stats, lambda stats: {**stats, "denoise": denoise})
+        store = log.submit(f"features [{category}]", extract_features, patches,
+                           scanned.manifest, category, features, stats, cache, progress=verbose)
         for method, options in p.methods.items():
             resolved = method_params(method, options, p.features.layers).__dict__
             resolved = {k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}
             where = f"[{category} / {method}]"
-            model = log.run(f"train {where}", train, store, patches, scanned.manifest, category,
-                            method, resolved, p.features.input_size, stats, cache,
-                            p.features.device)
-            scores = log.run(f"score {where}", score, model, store, patches, scanned.manifest,
-                             category, method, p.features.input_size, stats, cache,
-                             p.features.device)
-            evaluated = log.run(f"evaluate {where}", evaluate, scores, scanned.manifest,
-                                category, p.evaluation.threshold_quantile,
-                                p.evaluation.overlays, cache)
+            model = log.submit(f"train {where}", train, store, patches, scanned.manifest,
+                               category, method, resolved, p.features.input_size, stats, cache,
+                               p.features.device)
+            scores = log.submit(f"score {where}", score, model, store, patches, scanned.manifest,
+                                category, method, p.features.input_size, stats, cache,
+                                p.features.device)
+            evaluated = log.submit(f"evaluate {where}", evaluate, scores, scanned.manifest,
+                                   category, p.evaluation.threshold_quantile,
+                                   p.evaluation.overlays, cache)
             results.append(dict(category=category, method=method, method_params=resolved,
                                 normalization=stats, model=model, evaluation=evaluated,
                                 features=store, scores=scores))
         scored = {r["method"]: r["scores"] for r in results if r["category"] == category}
+        fused = None
         if p.fusion.enabled and len(scored) >= 2 and p.patches.size is None:
-            fused = log.run(f"fusion [{category}]", fuse, scored, scanned.manifest, category,
-                            p.fusion.model_dump(mode="json"), cache)
+            # One-class mode scores its synthetic defects with the same models and features.
+            models = {r["method"]: r["model"] for r in results if r["category"] == category}
+            fused = log.submit(f"fusion [{category}]", fuse, scored, scanned.manifest, category,
+                               p.fusion.model_dump(mode="json"), cache, models=models,
+                               features=features, stats=stats)
             fusions.append(dict(category=category, fusion=fused))
+        if p.evaluation.plots:
+            evaluated = {r["method"]: r["evaluation"] for r in results
+                         if r["category"] == category}
+            plotted = log.submit(f"plots [{category}]", make_plots, evaluated, scanned.manifest,
+                                 category, store, cache, fusion=fused,
+                                 tsne_points=p.evaluation.tsne_points, seed=p.dataset.seed)
+            plots.append(dict(category=category, plots=plotted))
 
+    # Every step has finished here; MLflow is written once, from this process.
+    properties, results, fusions, plots = log.gather((properties, results, fusions, plots))
     from ..tasks.tracking import record_pipeline
 
     track = task(record_pipeline, name="track", cache_policy=NO_CACHE)
     return track(p, scanned, properties, results, log.rows, seconds=time.perf_counter() - started,
-                 fusions=fusions)
+                 fusions=fusions, plots=plots)

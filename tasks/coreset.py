@@ -17,9 +17,14 @@ produces it), so the full bank is never held in memory.
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import torch
+
+
+# Largest share of each chunk the first stage of a two-stage selection may keep.
+MAX_CANDIDATE_SHARE = 0.1
 
 
 def random_projection(dim_in: int, dim_out: int, seed: int = 0) -> np.ndarray:
@@ -31,31 +36,59 @@ def random_projection(dim_in: int, dim_out: int, seed: int = 0) -> np.ndarray:
 
 
 def _greedy(points: torch.Tensor, count: int, start: int) -> np.ndarray:
-    """Plain greedy k-center on one chunk: each step adds the point farthest from the set."""
+    """Plain greedy k-center on one chunk: each step adds the point farthest from the set.
+
+    ``points`` may live on any device. The loop never reads a value back to
+    the host (the next centre stays a device tensor), so on a GPU the steps
+    are queued without a synchronisation each; indices come back once, at
+    the end.
+    """
     sq_norms = (points * points).sum(dim=1)
-    selected = np.empty(count, dtype=np.int64)
-    nearest = torch.full((points.shape[0],), float("inf"))
-    index = start
+    selected = torch.empty(count, dtype=torch.long, device=points.device)
+    nearest = torch.full((points.shape[0],), float("inf"), device=points.device)
+    index = torch.tensor(start, dtype=torch.long, device=points.device)
     for step in range(count):
         selected[step] = index
-        # ||p - c||^2 = ||p||^2 - 2 p.c + ||c||^2: one matrix-vector product per step.
-        dist = sq_norms - 2.0 * (points @ points[index]) + sq_norms[index]
+        center = points.index_select(0, index.view(1))[0]
+        # ||p - c||^2 = ||p||^2 - 2 p.c + ||c||^2: one fused matrix-vector product per step.
+        dist = torch.addmv(sq_norms, points, center, alpha=-2.0)
+        dist += sq_norms.index_select(0, index.view(1))
         torch.minimum(nearest, dist, out=nearest)
-        index = int(torch.argmax(nearest))
-    return selected
+        index = torch.argmax(nearest)
+    return selected.cpu().numpy()
 
 
 class StreamingCoreset:
     """Chunked greedy coreset over vectors that arrive in pieces.
 
     ``add(vectors)`` buffers rows; each time ``chunk_size`` rows are buffered
-    they are reduced by ``ratio`` and only the selected rows are kept.
-    ``finish()`` reduces the remainder and returns the selected rows (float32).
+    they are reduced and only the selected rows are kept. ``finish()`` reduces
+    the remainder and returns the selected rows (float32).
+
+    With ``oversample`` > 1 and ``oversample * ratio`` <= ``MAX_CANDIDATE_SHARE`` the selection has
+    two stages: each chunk keeps ``oversample * ratio`` of its rows, then a
+    final greedy pass over everything kept (in pieces of
+    ``oversample * chunk_size`` rows) picks ``ratio * N`` rows. The final pass
+    sees the whole bank's candidates at once, so it stays close to one greedy
+    pass over the whole bank (on Magnetic Tile at ratio 0.01, per-chunk
+    selection alone lost 2-5 image AUROC points), while the cost stays linear
+    in N. It costs about ``2 * oversample`` times the per-chunk selection, so it is
+    used only while that stays below twice the cost of a per-chunk selection at
+    ratio 0.1 (where per-chunk selection kept its AUROC). Otherwise every chunk
+    is reduced by ``ratio`` directly.
+
+    The greedy selection runs on ``device`` ("cpu" or "cuda"); ``seconds`` is
+    the time spent selecting (projection and greedy steps), for benchmarks.
     """
 
     def __init__(self, ratio: float, projection_dim: int = 128, chunk_size: int = 16384,
-                 seed: int = 0):
+                 seed: int = 0, device: str = "cpu", oversample: int = 1):
         self.ratio = ratio
+        self.oversample = oversample
+        two_stage = oversample > 1 and oversample * ratio <= MAX_CANDIDATE_SHARE
+        self._chunk_ratio = oversample * ratio if two_stage else ratio
+        self.device = torch.device(device)
+        self.seconds = 0.0
         self.projection_dim = projection_dim
         self.chunk_size = chunk_size
         self.rng = np.random.default_rng(seed)
@@ -77,26 +110,42 @@ class StreamingCoreset:
             if self._buffered == self.chunk_size:
                 self._reduce()
 
+    def _select(self, rows: np.ndarray, count: int) -> np.ndarray:
+        """Sorted indices of ``count`` greedy k-center picks among ``rows``."""
+        started = time.perf_counter()
+        if self._projection is None:
+            self._projection = torch.from_numpy(
+                random_projection(rows.shape[1], self.projection_dim, self.seed)).to(self.device)
+        points = torch.from_numpy(rows).to(self.device) @ self._projection
+        picked = np.sort(_greedy(points, count, int(self.rng.integers(len(rows)))))
+        self.seconds += time.perf_counter() - started
+        return picked
+
     def _reduce(self) -> None:
         chunk = np.concatenate(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
         self._buffer, self._buffered = [], 0
-        if self.ratio >= 1.0:
+        if self._chunk_ratio >= 1.0:
             self._kept.append(chunk)
             return
-        if self._projection is None:
-            self._projection = torch.from_numpy(
-                random_projection(chunk.shape[1], self.projection_dim, self.seed))
-        points = torch.from_numpy(chunk) @ self._projection
-        count = max(1, int(round(self.ratio * len(chunk))))
-        picked = _greedy(points, count, int(self.rng.integers(len(chunk))))
-        self._kept.append(chunk[np.sort(picked)])
+        count = max(1, int(round(self._chunk_ratio * len(chunk))))
+        self._kept.append(chunk[self._select(chunk, count)])
 
     def finish(self) -> np.ndarray:
         if self._buffered:
             self._reduce()
         if not self._kept:
             return np.zeros((0, 0), dtype=np.float32)
-        return np.ascontiguousarray(np.concatenate(self._kept), dtype=np.float32)
+        kept = np.ascontiguousarray(np.concatenate(self._kept), dtype=np.float32)
+        self._kept = []
+        target = max(1, int(round(self.ratio * self.seen)))
+        if self._chunk_ratio == self.ratio or len(kept) <= target:
+            return kept
+        # Second stage: greedy over the kept candidates, in pieces reduced in proportion.
+        pieces = max(1, math.ceil(len(kept) / (self.chunk_size * self.oversample)))
+        bounds = np.linspace(0, len(kept), pieces + 1).astype(np.int64)
+        picked = [self._select(kept[lo:hi], max(1, int(round(target * (hi - lo) / len(kept))))) + lo
+                  for lo, hi in zip(bounds[:-1], bounds[1:])]
+        return kept[np.concatenate(picked)]
 
 
 def greedy_coreset(features: np.ndarray, ratio: float, projection_dim: int = 128,

@@ -12,6 +12,17 @@ Layouts (the ``layout`` argument of :func:`scan_dataset`):
     MVTec AD: ``<category>/train/good/*``, ``<category>/test/<defect_type>/*``,
     masks in ``<category>/ground_truth/<defect_type>/<stem>_mask.png`` (or
     ``<stem>.png``). The split comes from the folders.
+``mvtec_loco``
+    MVTec LOCO AD: ``<category>/train/good/*``, ``<category>/validation/good/*``
+    (split "val"), ``<category>/test/<defect_type>/<stem>.png`` (``good``,
+    ``logical_anomalies``, ``structural_anomalies``), one mask file per defect
+    region in ``<category>/ground_truth/<defect_type>/<stem>/000.png``,
+    ``001.png``, ... (pixel value = the defect's ``pixel_value``), and
+    ``<category>/defects_config.json``, a list of ``{defect_name, pixel_value,
+    saturation_threshold, relative_saturation}``. The masks of an image are
+    merged (pixel-wise OR) once into ``materialize_dir/mvtec_loco/`` (the
+    ``mask_path``); the ``defect_masks`` column keeps, as JSON, each mask
+    file with its defect's saturation threshold for sPRO.
 ``elpv``
     The ELPV solar-cell images shipped by the ``elpv-dataset`` package,
     written once as PNG files under ``materialize_dir``.
@@ -66,7 +77,7 @@ from .annotations import check_annotation, labelme_mask, load_annotations
 from .errors import DefectflowError
 from .images import IMAGE_SUFFIXES, file_hash, image_header, read_image, read_mask, text_hash
 
-LAYOUTS = ("mvtec", "elpv", "magnetic_tile", "folder", "large", "bsdata")
+LAYOUTS = ("mvtec", "mvtec_loco", "elpv", "magnetic_tile", "folder", "large", "bsdata")
 
 MANIFEST_COLUMNS = (
     "image_id",
@@ -91,6 +102,7 @@ MASK_SUFFIX = ".png"
 DEFECT = "defect"  # the defect type of a "large" test image whose mask is not empty
 GROUNDTRUTH_SUFFIX = "groundtruth.png"  # "large" layout masks: <stem>[_]groundtruth.png
 ANNOTATION_FILE = "annotations.json"
+LOCO_CONFIG = "defects_config.json"  # MVTec LOCO: saturation thresholds per defect pixel value
 
 # The order in which count tables list splits: the order the pipeline uses them.
 _SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
@@ -206,6 +218,9 @@ def scan_dataset(
         if layout == "bsdata":
             masks = Path(materialize_dir).expanduser().resolve() / "bsdata" / "masks"
             candidates = _bsdata_candidates(root, category, masks, train_fraction, seed)
+        elif layout == "mvtec_loco":
+            masks = Path(materialize_dir).expanduser().resolve() / "mvtec_loco"
+            candidates = _mvtec_loco_candidates(root, category, masks)
         else:
             candidates = readers[layout](root, category)
 
@@ -438,6 +453,111 @@ def _mvtec_candidates(root: Path, category: str | None) -> list[_Candidate]:
                     _Candidate(image_id, path, label, defect_type, name, mask, split="test")
                 )
     return candidates
+
+
+def _mvtec_loco_candidates(root: Path, category: str | None, mask_root: Path
+                           ) -> list[_Candidate]:
+    """MVTec LOCO AD (see the module docstring); each defective image's mask files are
+    merged into one mask under ``mask_root/<category>/<defect_type>/<stem>.png``."""
+    category_dirs = _category_folders(
+        root, category, "MVTec LOCO category found: expected <category>/train/good/"
+    )
+    candidates, merges = [], []
+    for name, folder in category_dirs:
+        config = _loco_config(folder / LOCO_CONFIG)
+        for split, sub in (("train", "train"), ("val", "validation")):
+            good = folder / sub / GOOD
+            if split == "train" and not good.is_dir():
+                raise DefectflowError("MVTec LOCO category has no train/good/ folder", folder)
+            if good.is_dir():
+                for stem, path in _image_files(good):
+                    candidates.append(_Candidate(f"{name}/{sub}/{GOOD}/{stem}", path, 0, GOOD,
+                                                 name, split=split, extra={"defect_masks": None}))
+        test = folder / "test"
+        for defect_folder in _subfolders(test) if test.is_dir() else []:
+            defect_type = defect_folder.name
+            label = int(defect_type != GOOD)
+            for stem, path in _image_files(defect_folder):
+                candidate = _Candidate(f"{name}/test/{defect_type}/{stem}", path, label,
+                                       defect_type, name, split="test",
+                                       extra={"defect_masks": None})
+                mask_folder = folder / "ground_truth" / defect_type / path.stem
+                if label and mask_folder.is_dir():
+                    files = [p for _, p in _image_files(mask_folder, (MASK_SUFFIX,))]
+                    if files:
+                        merges.append((candidate, files, config,
+                                       mask_root / name / defect_type / f"{path.stem}.png"))
+                candidates.append(candidate)
+
+    def merge(item) -> None:
+        candidate, files, config, target = item
+        merged, entries = None, []
+        for file in files:
+            values = _read_grey(file)
+            if merged is not None and values.shape != merged.shape:
+                raise DefectflowError(f"mask size {values.shape[1]}x{values.shape[0]} differs "
+                                      f"from {files[0].name}'s {merged.shape[1]}x"
+                                      f"{merged.shape[0]}", file)
+            present = np.unique(values[values > 0])
+            if present.size == 0:
+                raise DefectflowError("defect mask is empty", file)
+            merged = values > 0 if merged is None else merged | (values > 0)
+            entry: dict[str, object] = {"path": str(file)}
+            if config is not None:
+                if present.size != 1 or int(present[0]) not in config:
+                    raise DefectflowError(f"mask pixel values {present.tolist()[:5]} do not name "
+                                          f"one defect of {LOCO_CONFIG} (pixel values "
+                                          f"{sorted(config)})", file)
+                entry.update(config[int(present[0])])
+            entries.append(entry)
+        _write_png_once(target, merged.astype(np.uint8) * 255)
+        candidate.mask_path = target
+        candidate.extra["defect_masks"] = json.dumps(entries)
+
+    _map_in_threads(merge, merges)
+    return candidates
+
+
+def _read_grey(path: Path) -> np.ndarray:
+    """A mask file's grey values (uint8 or uint16), keeping the values (not just > 0)."""
+    data = np.fromfile(str(path), dtype=np.uint8)
+    values = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH) if data.size else None
+    if values is None:
+        raise DefectflowError("cannot decode mask (corrupt or not an image file)", path)
+    return values
+
+
+def _loco_config(path: Path) -> dict[int, dict] | None:
+    """pixel value -> {defect_name, saturation_threshold, relative_saturation} of an MVTec
+    LOCO ``defects_config.json``; None when the file is absent (then no sPRO)."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise DefectflowError(f"cannot read the defects config ({error})", path) from None
+    if not isinstance(data, list):
+        raise DefectflowError("defects config must be a list of defects", path)
+    config: dict[int, dict] = {}
+    for index, entry in enumerate(data):
+        try:
+            value = int(entry["pixel_value"])
+            threshold = float(entry["saturation_threshold"])
+            relative = entry["relative_saturation"]
+            defect = str(entry["defect_name"])
+        except (KeyError, TypeError, ValueError):
+            raise DefectflowError(f"defect #{index} needs defect_name, pixel_value, "
+                                  "saturation_threshold and relative_saturation", path) from None
+        if not isinstance(relative, bool) or value <= 0 or not math.isfinite(threshold) \
+                or threshold <= 0 or (relative and threshold > 1):
+            raise DefectflowError(f"defect #{index} ({defect}): pixel_value must be > 0, "
+                                  "saturation_threshold > 0 (at most 1 when relative) and "
+                                  "relative_saturation true or false", path)
+        if value in config:
+            raise DefectflowError(f"pixel_value {value} is given twice", path)
+        config[value] = {"defect_name": defect, "saturation_threshold": threshold,
+                         "relative_saturation": relative}
+    return config
 
 
 def _magnetic_tile_candidates(root: Path, category: str | None) -> list[_Candidate]:
@@ -716,7 +836,10 @@ def holdout_validation(
     if fraction == 0.0:
         return result
 
-    train_good = result[(result["split"] == "train") & (result["label"] == 0)]
+    # A layout with its own validation images (MVTec LOCO) keeps them, and only them.
+    has_val = set(result.loc[result["split"] == "val", "category"])
+    train_good = result[(result["split"] == "train") & (result["label"] == 0)
+                        & ~result["category"].isin(has_val)]
     val_ids: list[str] = []
     for category, group in train_good.groupby("category", sort=True):
         ids = sorted(group["image_id"])

@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty, Queue
 
 import cv2
 import numpy as np
@@ -55,13 +57,18 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def preprocess(crop: np.ndarray, input_size: int, mean, std) -> np.ndarray:
-    """RGB uint8 crop → normalized float32 (3, S, S) network input."""
+def resize(crop: np.ndarray, input_size: int) -> np.ndarray:
+    """RGB uint8 crop → RGB uint8 (S, S, 3): area interpolation to shrink, bilinear to grow."""
     if crop.shape[0] != input_size or crop.shape[1] != input_size:
         shrinking = crop.shape[0] > input_size or crop.shape[1] > input_size
         crop = cv2.resize(crop, (input_size, input_size),
                           interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
-    pixels = crop.astype(np.float32) / 255.0
+    return crop
+
+
+def preprocess(crop: np.ndarray, input_size: int, mean, std) -> np.ndarray:
+    """RGB uint8 crop → normalized float32 (3, S, S) network input."""
+    pixels = resize(crop, input_size).astype(np.float32) / 255.0
     pixels = (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
@@ -79,6 +86,79 @@ def iter_input_batches(patch_table: pd.DataFrame, paths: dict[str, str], input_s
             positions, batch = [], []
     if batch:
         yield np.asarray(positions), np.stack(batch)
+
+
+def iter_pixel_batches(patch_table: pd.DataFrame, paths: dict[str, str], input_size: int,
+                       batch_size: int, denoise: dict | None = None
+                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(row positions, resized RGB uint8 (B, S, S, 3)) in patch-table order."""
+    positions, batch = [], []
+    for pos, crop in iter_patch_pixels(patch_table, paths, denoise):
+        positions.append(pos)
+        batch.append(resize(crop, input_size))
+        if len(batch) == batch_size:
+            yield np.asarray(positions), np.stack(batch)
+            positions, batch = [], []
+    if batch:
+        yield np.asarray(positions), np.stack(batch)
+
+
+def normalize_batch(pixels: np.ndarray, mean, std, device: str) -> torch.Tensor:
+    """Resized uint8 (B, S, S, 3) → normalized float32 (B, 3, S, S) on ``device``.
+
+    Moves uint8 (4x fewer bytes than float) and normalizes there, in the same
+    operations as :func:`preprocess`, so the values are the same. The result
+    is channels_last: the (B, S, S, 3) pixels already are, so no copy.
+    """
+    batch = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).float()
+    shape = (1, 3, 1, 1)
+    batch.div_(255.0)
+    batch.sub_(torch.tensor(mean, dtype=torch.float32, device=device).view(shape))
+    batch.div_(torch.tensor(std, dtype=torch.float32, device=device).view(shape))
+    return batch
+
+
+def prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """``items``, produced by a background thread up to ``depth`` ahead.
+
+    Decoding and resizing the next batch (OpenCV releases the GIL) then
+    overlaps the backbone's forward pass of the current one, which brings
+    feature extraction close to the bare forward-pass throughput.
+    Exceptions of the producer are raised here, in the consumer.
+    """
+    queue: Queue = Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                queue.put((True, item))
+            queue.put((True, done))
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            queue.put((False, error))
+
+    worker = threading.Thread(target=produce, name="defectflow-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            ok, item = queue.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        # The consumer stopped early (error or break): let the producer finish and exit.
+        stop.set()
+        while worker.is_alive():
+            try:
+                queue.get(timeout=0.1)
+            except Empty:
+                pass
+        worker.join()
 
 
 def feature_store_key(patch_table: pd.DataFrame, content_hashes: dict[str, str], backbone: str,
@@ -129,10 +209,10 @@ def extract_features(patch_table: pd.DataFrame, manifest: pd.DataFrame, *, backb
     outputs: dict[str, np.ndarray] = {}
     bar = tqdm(total=count, desc=f"features {backbone}", unit="patch", disable=not progress)
     with torch.inference_mode():
-        for positions, batch in iter_input_batches(patch_table, paths, input_size, mean, std,
-                                                   batch_size, denoise):
-            inputs = torch.from_numpy(batch).to(device).contiguous(memory_format=torch.channels_last)
-            feats = model(inputs)
+        # Decoding and resizing run in a background thread; normalization on the device.
+        batches = iter_pixel_batches(patch_table, paths, input_size, batch_size, denoise)
+        for positions, pixels in prefetch(batches):
+            feats = model(normalize_batch(pixels, mean, std, device))
             for layer in layers:
                 fmap = feats[layer].to(torch.float16).cpu().numpy()
                 if layer not in outputs:

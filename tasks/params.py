@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import DefectflowError
 
-LAYOUTS = ("elpv", "mvtec", "magnetic_tile", "folder", "large", "bsdata")
+LAYOUTS = ("elpv", "mvtec", "mvtec_loco", "magnetic_tile", "folder", "large", "bsdata")
 
 
 class _Strict(BaseModel):
@@ -19,7 +20,8 @@ class _Strict(BaseModel):
 
 
 class DatasetParams(_Strict):
-    layout: Literal["elpv", "mvtec", "magnetic_tile", "folder", "large", "bsdata"] = "elpv"
+    layout: Literal["elpv", "mvtec", "mvtec_loco", "magnetic_tile", "folder", "large",
+                    "bsdata"] = "elpv"
     path: str | None = None            # folder of the data (not used by elpv)
     name: str | None = None            # dataset name: the MLflow experiment; default from layout
     category: str | None = None        # category name for single-category layouts
@@ -72,12 +74,18 @@ class PreprocessingParams(_Strict):
 class EvaluationParams(_Strict):
     threshold_quantile: float = Field(0.99, gt=0, le=1)
     overlays: int = Field(6, ge=0)
+    plots: bool = True  # per category: ROC/PR of all methods, per-defect-type bars, t-SNE
+    tsne_points: int = Field(300, ge=0)  # images in the t-SNE plot (seeded sample); 0: none
 
 
 class FusionParams(_Strict):
     """SegAD fusion of the detectors' anomaly maps (needs two or more methods)."""
 
     enabled: bool = True
+    # supervised: trains on a few labelled defective test images (SegAD's protocol);
+    # one_class: on synthetic defects pasted on held-out good images (appendix A.2).
+    mode: Literal["supervised", "one_class"] = "supervised"
+    synthetic_per_image: int = Field(1, ge=1)  # one_class: defects per held-out image, seed
     segmentation: Literal["grid", "superpixels"] = "grid"
     segments: int = Field(16, ge=1, le=1024)   # K
     classifier: Literal["brf", "rf", "bt"] = "brf"  # SegAD appendix A.1 and its ablations
@@ -92,9 +100,58 @@ class CategorizationParams(_Strict):
     max_side: int = Field(256, ge=16)
 
 
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
 class TrackingParams(_Strict):
-    uri: str = "sqlite:///mlflow.db"
+    # None: MLFLOW_TRACKING_URI from the environment, else sqlite:///mlflow.db (see resolved_uri).
+    uri: str | None = None
     experiment: str | None = None
+
+    def resolved_uri(self) -> str:
+        """The MLflow tracking URI: params > MLFLOW_TRACKING_URI > sqlite:///mlflow.db."""
+        import os
+
+        return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+class ExecutionParams(_Strict):
+    """Where the flow's tasks run (per-category and per-method steps run concurrently).
+
+    thread: a thread pool in the flow's process, ``max_workers`` steps at a time. On a
+    2-core machine 2 is enough: torch already uses every core inside one step, and the
+    flow splits torch's threads between the workers.
+    dask: prefect-dask's DaskTaskRunner; ``dask_address`` of a running scheduler, or None
+    for a LocalCluster of ``dask_n_workers`` x ``dask_threads_per_worker``.
+    """
+
+    task_runner: Literal["thread", "dask"] = "thread"
+    max_workers: int = Field(2, ge=1)
+    dask_address: str | None = None
+    dask_n_workers: int = Field(2, ge=1)
+    dask_threads_per_worker: int = Field(1, ge=1)
+    dask_processes: bool = True  # LocalCluster: worker processes (False: threads, one process)
+
+
+class RegistryParams(_Strict):
+    """MLflow model registry: each detector becomes a version of
+    ``<name_prefix>-<dataset>-<category>-<method>``; the version whose child run has the best
+    ``metric`` gets ``alias``. The validation split holds only good images, so no label-based
+    validation metric exists: the default ranks by the test image AUROC of metrics.json."""
+
+    enabled: bool = False
+    name_prefix: str = Field("defectflow", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    alias: str = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+    metric: str = "image_auroc"       # any key of metrics.json (a child run's metrics)
+    greater_is_better: bool = True
+
+    @field_validator("alias")
+    @classmethod
+    def _not_reserved(cls, alias):
+        # MLflow reserves "latest" and version-like aliases ("v3").
+        if alias.lower() == "latest" or (alias[0] in "vV" and alias[1:].isdigit()):
+            raise ValueError(f"alias {alias!r} is reserved by MLflow")
+        return alias
 
 
 class PipelineParams(_Strict):
@@ -108,6 +165,8 @@ class PipelineParams(_Strict):
     fusion: FusionParams = FusionParams()
     categorization: CategorizationParams = CategorizationParams()
     tracking: TrackingParams = TrackingParams()
+    execution: ExecutionParams = ExecutionParams()
+    registry: RegistryParams = RegistryParams()
     cache_dir: str = ".defectflow-cache"
 
     @field_validator("methods")
@@ -198,4 +257,7 @@ def flatten(params: PipelineParams) -> dict[str, str]:
             out[prefix] = str(value)
 
     walk("", params.model_dump(mode="json"))
+    # The URI actually used, never its password (a PostgreSQL URI may carry one).
+    out["tracking.uri"] = re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@",
+                                 params.tracking.resolved_uri())
     return out

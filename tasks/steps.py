@@ -27,8 +27,8 @@ from .patches import plan_patches
 
 # datasets and evaluation (scikit-learn, matplotlib) are imported inside the steps that use
 # them: a rerun whose steps all come from cache then never pays for those imports.
-STEP_VERSION = "1"
-SCORE_PIECE = 512  # patches scored per call: bounds the anomaly maps held in memory  # bump when a step's output format or meaning changes
+STEP_VERSION = "1"  # bump when a step's output format or meaning changes
+SCORE_PIECE = 512  # patches scored per call: bounds the anomaly maps held in memory
 
 
 @dataclass(frozen=True)
@@ -256,26 +256,31 @@ def score_step(model: Ref, store: FeatureStoreRef, patches: Ref, manifest: Ref,
         selected = (rows["split"].isin(["val", "test"])
                     & ~rows["image_id"].isin(trained_on)).to_numpy()
         batch = _patch_set(store, rows, selected, manifest, input_size, stats, device)
-        detector = METHODS[method].load(model.path)
-        partial = final.with_name(final.name + f".partial-{os.getpid()}")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
-        # Scored in pieces and streamed to disk: memory stays bounded for any number of patches.
-        size = batch.input_size
-        maps = np.lib.format.open_memmap(partial / "anomaly_maps.npy", mode="w+",
-                                         dtype=np.float16, shape=(len(batch), size, size))
-        scores = np.zeros(len(batch), dtype=np.float32)
-        for start in range(0, len(batch), SCORE_PIECE):
-            part = slice(start, min(start + SCORE_PIECE, len(batch)))
-            scores[part], piece_maps = detector.score(batch.subset(part))
-            maps[part] = piece_maps.astype(np.float16)
-        maps.flush()
-        del maps
-        table = batch.table.copy()
-        table["score"] = scores
-        table.to_parquet(partial / "scores.parquet", index=False)
-        _finish_folder(partial, final)
+        _score_into(METHODS[method].load(model.path), batch, final)
     return Ref(str(final), key)
+
+
+def _score_into(detector, batch: PatchSet, final: Path) -> None:
+    """Score ``batch`` and write ``scores.parquet`` + ``anomaly_maps.npy`` (float16) as the
+    folder ``final``; real and synthetic images go through this one path."""
+    partial = final.with_name(final.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    # Scored in pieces and streamed to disk: memory stays bounded for any number of patches.
+    size = batch.input_size
+    maps = np.lib.format.open_memmap(partial / "anomaly_maps.npy", mode="w+",
+                                     dtype=np.float16, shape=(len(batch), size, size))
+    scores = np.zeros(len(batch), dtype=np.float32)
+    for start in range(0, len(batch), SCORE_PIECE):
+        part = slice(start, min(start + SCORE_PIECE, len(batch)))
+        scores[part], piece_maps = detector.score(batch.subset(part))
+        maps[part] = piece_maps.astype(np.float16)
+    maps.flush()
+    del maps
+    table = batch.table.copy()
+    table["score"] = scores
+    table.to_parquet(partial / "scores.parquet", index=False)
+    _finish_folder(partial, final)
 
 
 # -- 7. evaluate ----------------------------------------------------------------------
@@ -291,7 +296,9 @@ def evaluate_step(scores: Ref, manifest: Ref, category: str, threshold_quantile:
     """Metrics (image level, pixel level where masks exist), ROC plot, overlays, score table."""
     from . import evaluation
 
-    key = text_hash("evaluate", STEP_VERSION, scores.key, threshold_quantile, overlays)
+    # The manifest key covers the masks and the saturation thresholds (defects config).
+    key = text_hash("evaluate", STEP_VERSION, scores.key, manifest.key, threshold_quantile,
+                    overlays)
     final = _out(cache_dir, "evaluations", key)
     if final.exists():
         return Ref(str(final), key)
@@ -335,6 +342,7 @@ def evaluate_step(scores: Ref, manifest: Ref, category: str, threshold_quantile:
         _save_full_image_figures(partial / "overlays", test, test_patches, maps, man, overlays)
     else:
         metrics.update(_pixel_metrics(test_patches, maps, man))
+        metrics.update(_spro_metrics(test_patches, maps, man))
         _save_overlays(partial / "overlays", test, test_patches, maps, man, overlays)
 
     (partial / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
@@ -445,6 +453,53 @@ def _pixel_metrics(test_patches: pd.DataFrame, maps: np.ndarray, manifest: pd.Da
     return metrics
 
 
+SPRO_FPR_LIMIT = 0.05  # MVTec LOCO AD reports sPRO up to 5% FPR
+
+
+def _spro_metrics(test_patches: pd.DataFrame, maps: np.ndarray, manifest: pd.DataFrame) -> dict:
+    """sPRO (MVTec LOCO AD) where the layout gives each defect mask a saturation threshold
+    (the manifest's ``defect_masks``). Computed at the anomaly maps' resolution, like the
+    other pixel metrics: each defect's mask is cropped and resized to the map, a relative
+    threshold is that fraction of the resized region's area, an absolute one (pixels of
+    the image) is scaled by the map's pixels per image pixel. A defect that vanishes in
+    the resize cannot be located and is left out; so are defective images without masks."""
+    from . import evaluation
+
+    if "defect_masks" not in manifest.columns:
+        return {}
+    info = manifest.set_index("image_id")
+    defect_masks, saturations, pixel_maps = [], [], []
+    for position, row in zip(test_patches.index, test_patches.itertuples(index=False)):
+        entries = info.at[row.image_id, "defect_masks"]
+        entries = json.loads(entries) if isinstance(entries, str) else None
+        if entries is None and row.label == 1:
+            continue  # a defect without a location
+        if entries and any("saturation_threshold" not in e for e in entries):
+            return {}  # no defects config: no saturation thresholds
+        image_hw = (int(info.at[row.image_id, "height"]), int(info.at[row.image_id, "width"]))
+        masks, thresholds = [], []
+        for entry in entries or []:
+            mask = _mask_crop(row, entry["path"], image_hw, maps.shape[1:])
+            area = int(mask.sum())
+            if area == 0:
+                continue
+            if entry["relative_saturation"]:
+                thresholds.append(entry["saturation_threshold"] * area)
+            else:
+                scale = (maps.shape[1] * maps.shape[2]) / (int(row.height) * int(row.width))
+                thresholds.append(entry["saturation_threshold"] * scale)
+            masks.append(mask)
+        if entries and not masks:
+            continue  # every defect of the image vanished at the map's resolution
+        defect_masks.append(masks)
+        saturations.append(thresholds)
+        pixel_maps.append(np.asarray(maps[position], dtype=np.float32))
+    if not any(defect_masks):
+        return {}
+    return {"spro": evaluation.spro(defect_masks, saturations, pixel_maps,
+                                    fpr_limit=SPRO_FPR_LIMIT)}
+
+
 def _mask_crop(row, mask_path: str, image_hw, map_hw) -> np.ndarray:
     import cv2
 
@@ -499,51 +554,79 @@ def device_name(device: str) -> str:
 
 # -- 7b. SegAD fusion ----------------------------------------------------------------------
 def fusion_step(method_scores: dict[str, Ref], manifest: Ref, category: str, fusion: dict,
-                cache_dir: str) -> Ref:
-    """SegAD: per-segment statistics of every detector's anomaly maps, a boosted random forest
-    trained on held-out good images plus a few labelled defects, over ``fusion["seeds"]``
-    seeds. Writes per_seed.csv, scores.csv and summary.json.
+                cache_dir: str, models: dict[str, Ref] | None = None,
+                features: dict | None = None, stats: dict | None = None) -> Ref:
+    """SegAD: per-segment statistics of every detector's anomaly maps, a boosted random forest,
+    over ``fusion["seeds"]`` seeds. Writes per_seed.csv, scores.csv and summary.json.
+
+    ``fusion["mode"]``:
+
+    - ``"supervised"``: trained on the held-out good images plus ``n_defective`` labelled
+      defective test images per seed, evaluated on the rest of the test set;
+    - ``"one_class"`` (SegAD appendix A.2): no real defect is used. Per seed, synthetic
+      defects are pasted on the held-out good images (``synthetic_step``), scored by every
+      detector (``models``) through the same features and score path as real images
+      (``features``: the flow's feature params, ``stats``: normalization and denoising),
+      and the fusion is trained on held-out good + synthetic images and evaluated on the
+      whole test set.
 
     The images are those every detector scored (a supervised detector leaves out the defects
     it trained on). Only whole-image runs are fused: with patches the maps are per window.
     """
     from . import fusion as segad
-    from .images import read_image
 
-    key = text_hash("fusion", STEP_VERSION, category, json.dumps(fusion, sort_keys=True),
-                    *sorted(f"{m}:{r.key}" for m, r in method_scores.items()))
+    mode = fusion.get("mode", "supervised")
+    detectors = sorted(method_scores)
+    parts = [category, json.dumps(fusion, sort_keys=True),
+             *sorted(f"{m}:{r.key}" for m, r in method_scores.items())]
+    if mode == "one_class":
+        if models is None or features is None or stats is None \
+                or set(models) != set(method_scores):
+            raise DefectflowError("one-class fusion needs every detector's model, the feature "
+                                  f"parameters and the normalization (category {category!r})")
+        parts += [*sorted(f"{m}:{r.key}" for m, r in models.items()),
+                  json.dumps(_feature_settings(features, stats), sort_keys=True)]
+    key = text_hash("fusion", STEP_VERSION, *parts)
     final = _out(cache_dir, "fusions", key)
     if final.exists():
         return Ref(str(final), key)
     man = manifest.table().set_index("image_id")
-    detectors = sorted(method_scores)
     tables = {m: pd.read_parquet(Path(method_scores[m].path) / "scores.parquet")
               for m in detectors}
     if any(t["image_id"].duplicated().any() for t in tables.values()):
         raise DefectflowError(f"fusion needs whole images, not patches (category {category!r})")
     common = sorted(set.intersection(*(set(t["image_id"]) for t in tables.values())))
-    maps = []
-    for method in detectors:
-        table = tables[method].reset_index(drop=True)
-        rows = table.reset_index().set_index("image_id").loc[common, "index"].to_numpy()
-        stored = np.load(Path(method_scores[method].path) / "anomaly_maps.npy", mmap_mode="r")
-        maps.append(np.asarray(stored[np.sort(rows)])[np.argsort(np.argsort(rows))])
+    maps = [_maps_of(method_scores[m], tables[m], common) for m in detectors]
     size = maps[0].shape[-1]
-    k = int(fusion["segments"])
-    if fusion["segmentation"] == "superpixels":
-        # Computed once on a reference good image of the category, applied to all (SegAD).
-        reference = man[(man["category"] == category) & (man["split"] == "train")].index.min()
-        segments = segad.superpixel_segments(read_image(man.loc[reference, "path"]), k, size,
-                                             seed=fusion["seed"])
-    else:
-        segments = segad.grid_segments(size, k)
-    features = segad.feature_frame(maps, segments, common, detectors)
+    segments = _fusion_segments(fusion, man, category, size)
+    features_table = segad.feature_frame(maps, segments, common, detectors)
     labels = man.loc[common, "label"].astype(int)
-    splits = segad.supervised_splits(common, labels.tolist(), man.loc[common, "split"].tolist(),
-                                     n_defective=fusion["n_defective"],
-                                     seeds=range(fusion["seed"], fusion["seed"] + fusion["seeds"]))
+    seeds = range(fusion["seed"], fusion["seed"] + fusion["seeds"])
+    n_synthetic = 0
+    if mode == "one_class":
+        val_ids = [i for i in common if man.loc[i, "split"] == "val"]
+        synthetic = synthetic_step(manifest, val_ids, category, segments, list(seeds),
+                                   fusion["synthetic_per_image"], cache_dir)
+        synthetic_table = pd.read_parquet(Path(synthetic.path) / "manifest.parquet")
+        synthetic_ids = synthetic_table["image_id"].tolist()
+        synthetic_maps = [_maps_of(ref, pd.read_parquet(Path(ref.path) / "scores.parquet"),
+                                   synthetic_ids)
+                          for ref in (synthetic_scores_step(models[m], m, synthetic, category,
+                                                            features, stats, cache_dir)
+                                      for m in detectors)]
+        features_table = pd.concat([features_table, segad.feature_frame(
+            synthetic_maps, segments, synthetic_ids, detectors)])
+        labels = pd.concat([labels, pd.Series(1, index=pd.Index(synthetic_ids), dtype=int)])
+        by_seed = synthetic_table.groupby("seed")["image_id"].apply(list)
+        splits = [segad.one_class_split(common, man.loc[common, "split"].tolist(),
+                                        by_seed.loc[seed], seed=seed) for seed in seeds]
+        n_synthetic = len(synthetic_ids)
+    else:
+        splits = segad.supervised_splits(common, labels.tolist(),
+                                         man.loc[common, "split"].tolist(),
+                                         n_defective=fusion["n_defective"], seeds=seeds)
     segad.assert_no_leakage(splits)
-    result = segad.run_protocol(features, labels, splits, kind=fusion["classifier"],
+    result = segad.run_protocol(features_table, labels, splits, kind=fusion["classifier"],
                                 baselines=[f"{d}.image_score" for d in detectors],
                                 n_jobs=fusion["n_jobs"])
     partial = final.with_name(final.name + f".partial-{os.getpid()}")
@@ -553,7 +636,204 @@ def fusion_step(method_scores: dict[str, Ref], manifest: Ref, category: str, fus
     result.scores.to_csv(partial / "scores.csv", index=False)
     summary = {k_: float(v) for k_, v in result.summary.items()}
     summary.update(n_images=len(common), n_segments=segad.count_segments(segments),
-                   detectors=",".join(detectors))
+                   detectors=",".join(detectors), mode=mode)
+    if mode == "one_class":
+        summary["n_synthetic"] = n_synthetic
     (partial / "summary.json").write_text(json.dumps(summary, indent=1))
     _finish_folder(partial, final)
     return Ref(str(final), key)
+
+
+def _maps_of(scores: Ref, table: pd.DataFrame, image_ids: list[str]) -> np.ndarray:
+    """The anomaly maps of ``image_ids`` (whole images) from a score folder, in that order."""
+    table = table.reset_index(drop=True)
+    rows = table.reset_index().set_index("image_id").loc[image_ids, "index"].to_numpy()
+    stored = np.load(Path(scores.path) / "anomaly_maps.npy", mmap_mode="r")
+    # Read in file order (memory-mapped), then put back in the requested order.
+    return np.asarray(stored[np.sort(rows)])[np.argsort(np.argsort(rows))]
+
+
+def _fusion_segments(fusion: dict, man: pd.DataFrame, category: str, size: int) -> np.ndarray:
+    """The category's (size, size) segment map: a grid, or superpixels of one good image."""
+    from . import fusion as segad
+
+    k = int(fusion["segments"])
+    if fusion["segmentation"] == "superpixels":
+        # Computed once on a reference good image of the category, applied to all (SegAD).
+        reference = man[(man["category"] == category) & (man["split"] == "train")].index.min()
+        return segad.superpixel_segments(read_image(man.loc[reference, "path"]), k, size,
+                                         seed=fusion["seed"])
+    return segad.grid_segments(size, k)
+
+
+def _feature_settings(features: dict, stats: dict) -> dict:
+    """What decides a detector's input pixels and features (the device and batch size don't)."""
+    return {"backbone": features["backbone"], "layers": list(features["layers"]),
+            "input_size": int(features["input_size"]),
+            "mean": [round(float(v), 6) for v in stats["mean"]],
+            "std": [round(float(v), 6) for v in stats["std"]],
+            "denoise": stats.get("denoise")}
+
+
+def synthetic_step(manifest: Ref, val_ids: list[str], category: str, segments: np.ndarray,
+                   seeds: list[int], per_image: int, cache_dir: str) -> Ref:
+    """Synthetic defective images (SegAD appendix A.2) made from held-out good images.
+
+    For every seed, ``per_image`` defects per image in ``val_ids``, each drawn by
+    ``fusion.synthesize_defects`` with a generator seeded by (seed, copy, image content
+    hash): the same image and seed always give the same defect. Written once as PNG
+    files under ``<cache_dir>/synthetic/<key>/`` (key = the images' content hashes, the
+    segment map, the seeds and the count) with ``manifest.parquet``: a manifest (same
+    columns as the real one; split "synthetic", label 1, defect type
+    ``synthetic_<kind>``, ``mask_path`` the defect's footprint) plus ``seed`` and
+    ``source_image_id``.
+    """
+    import cv2
+
+    from . import fusion as segad
+    from .images import file_hash
+
+    if not val_ids:
+        raise DefectflowError(f"one-class fusion needs held-out good ('val') images in category "
+                              f"{category!r} (set dataset.validation_fraction > 0)")
+    man = manifest.table().set_index("image_id")
+    hashes = man.loc[val_ids, "content_hash"].tolist()
+    segments = np.ascontiguousarray(segments, dtype=np.int32)
+    key = text_hash("synthetic", STEP_VERSION, category, *sorted(hashes),
+                    text_hash(segments.shape, segments.tobytes()), tuple(seeds), per_image)
+    final = _out(cache_dir, "synthetic", key)
+    if final.exists():
+        return Ref(str(final), key)
+    partial = final.with_name(final.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    (partial / "images").mkdir(parents=True)
+    (partial / "masks").mkdir()
+    rows = []
+    for image_id, content_hash in zip(val_ids, hashes):
+        info = man.loc[image_id]
+        image = read_image(info["path"])
+        for seed in seeds:
+            for copy in range(per_image):
+                rng = np.random.default_rng([int(seed), copy, int(content_hash[:15], 16)])
+                kind = segad.DEFECT_KINDS[int(rng.integers(len(segad.DEFECT_KINDS)))]
+                defective, mask = segad.synthesize_defects(image, segments, rng, kind=kind)
+                name = f"{len(rows):06d}.png"
+                path, mask_path = final / "images" / name, final / "masks" / name
+                cv2.imwrite(str(partial / "images" / name),
+                            cv2.cvtColor(defective, cv2.COLOR_RGB2BGR))
+                cv2.imwrite(str(partial / "masks" / name), mask.astype(np.uint8) * 255)
+                rows.append(dict(image_id=f"synthetic/{seed}/{copy}/{image_id}", path=str(path),
+                                 split="synthetic", label=1, defect_type=f"synthetic_{kind}",
+                                 mask_path=str(mask_path), category=category,
+                                 width=int(info["width"]), height=int(info["height"]),
+                                 channels=3,
+                                 content_hash=file_hash(partial / "images" / name),
+                                 annotation_path=None, seed=int(seed),
+                                 source_image_id=image_id))
+    pd.DataFrame(rows).to_parquet(partial / "manifest.parquet", index=False)
+    _finish_folder(partial, final)
+    return Ref(str(final), key)
+
+
+def synthetic_scores_step(model: Ref, method: str, synthetic: Ref, category: str,
+                          features: dict, stats: dict, cache_dir: str) -> Ref:
+    """One detector's scores and anomaly maps of the synthetic images, exactly as real images
+    are scored: the same whole-image patches, backbone features into the content-addressed
+    feature store (same backbone, layers, input size, normalization, denoising), the
+    detector loaded from its saved model and ``_score_into``. Cached under ``scores/``."""
+    table = pd.read_parquet(Path(synthetic.path) / "manifest.parquet")
+    rows = plan_patches(table, None, None, use_annotations=False)
+    store = extract_features(rows, table, backbone=features["backbone"],
+                             layers=features["layers"], input_size=features["input_size"],
+                             mean=stats["mean"], std=stats["std"], cache_dir=cache_dir,
+                             batch_size=features["batch_size"], device=features["device"],
+                             progress=False, denoise=stats.get("denoise"))
+    key = text_hash("score-synthetic", STEP_VERSION, model.key, store.key, category)
+    final = _out(cache_dir, "scores", key)
+    if not final.exists():
+        paths = dict(zip(table["image_id"], table["path"]))
+        batch = PatchSet(rows, store, np.arange(len(rows)), paths, int(features["input_size"]),
+                         tuple(stats["mean"]), tuple(stats["std"]),
+                         device=resolve_device(features["device"]), denoise=stats.get("denoise"))
+        _score_into(METHODS[method].load(model.path), batch, final)
+    return Ref(str(final), key)
+
+
+# -- 8. comparison plots ---------------------------------------------------------------------
+def plots_step(evaluations: dict[str, Ref], manifest: Ref, category: str,
+               store: FeatureStoreRef, cache_dir: str, fusion: Ref | None = None,
+               tsne_points: int = 300, seed: int = 0) -> Ref:
+    """The category's comparison figures, once all its methods (and the fusion) are done:
+
+    - ``curves.png``: image ROC and PR curves of every method on one figure (the fusion
+      with its first seed's evaluation scores);
+    - ``defect_types.png``: image AUROC per defect type and method (test images);
+    - ``tsne.png``: t-SNE of per-image mean-pooled backbone features from the feature
+      store (all layers concatenated), up to ``tsne_points`` test images (seeded sample),
+      coloured by defect type ("good" for good images); none when ``tsne_points`` is 0.
+    """
+    from . import evaluation
+
+    key = text_hash("plots", STEP_VERSION, category, manifest.key, store.key,
+                    *sorted(f"{m}:{r.key}" for m, r in evaluations.items()),
+                    fusion.key if fusion is not None else "-", tsne_points, seed)
+    final = _out(cache_dir, "plots", key)
+    if final.exists():
+        return Ref(str(final), key)
+    man = manifest.table().set_index("image_id")
+    tables = {m: pd.read_csv(Path(r.path) / "scores.csv") for m, r in sorted(evaluations.items())}
+    if fusion is not None:
+        fused = pd.read_csv(Path(fusion.path) / "scores.csv")
+        tables["segad_fusion"] = fused[fused["seed"] == fused["seed"].min()]
+    partial = final.with_name(final.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    evaluation.plot_curves({m: (t["label"].to_numpy(), t["score"].to_numpy())
+                            for m, t in tables.items()},
+                           partial / "curves.png", title=f"{category}: image ROC and PR")
+    rows = []
+    for method, table in tables.items():
+        types = man.loc[table["image_id"], "defect_type"].to_numpy()
+        if table["label"].nunique() == 2:
+            for defect, auroc in evaluation.per_defect_type_auroc(
+                    table["label"].to_numpy(), table["score"].to_numpy(), types).items():
+                rows.append(dict(method=method, defect_type=defect, auroc=auroc))
+    if rows:
+        evaluation.plot_defect_type_bars(pd.DataFrame(rows), partial / "defect_types.png",
+                                         title=f"{category}: image AUROC per defect type")
+    embeddings, image_ids = image_embeddings(store, man, category, tsne_points, seed)
+    if len(image_ids) >= 2:
+        evaluation.plot_tsne(embeddings, man.loc[image_ids, "defect_type"].tolist(),
+                             partial / "tsne.png", seed=seed,
+                             title=f"{category}: t-SNE of backbone features "
+                                   f"({len(image_ids)} test images)")
+    _finish_folder(partial, final)
+    return Ref(str(final), key)
+
+
+def image_embeddings(store: FeatureStoreRef, man: pd.DataFrame, category: str,
+                     max_images: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """Per-image embeddings from the feature store: each layer's feature map averaged over
+    its positions, the layers concatenated, averaged over an image's patches. Up to
+    ``max_images`` of the category's test images, a seeded sample when there are more,
+    so the t-SNE stays cheap. Returns (embeddings (n, channels), image ids)."""
+    # Row i of the table is row i of every layer's array.
+    patches = pd.read_parquet(Path(store.directory) / "patches.parquet").reset_index(drop=True)
+    tests = man[(man["category"] == category) & (man["split"] == "test")].index
+    candidates = np.asarray(sorted(set(patches["image_id"]) & set(tests)), dtype=object)
+    if max_images <= 0 or len(candidates) == 0:
+        return np.zeros((0, 0)), []
+    if len(candidates) > max_images:
+        candidates = np.sort(np.random.default_rng(seed).choice(candidates, max_images,
+                                                                replace=False))
+    chosen = patches[patches["image_id"].isin(set(candidates))]
+    positions = chosen.index.to_numpy()  # rows of the store, in increasing order
+    arrays = [store.maps(layer) for layer in store.layers]
+    pooled = []
+    for start in range(0, len(positions), SCORE_PIECE):  # bounded memory for many patches
+        part = positions[start:start + SCORE_PIECE]
+        pooled.append(np.concatenate([np.asarray(a[part], dtype=np.float32).mean(axis=(2, 3))
+                                      for a in arrays], axis=1))
+    per_patch = pd.DataFrame(np.concatenate(pooled), index=chosen["image_id"].to_numpy())
+    per_image = per_patch.groupby(level=0, sort=True).mean()
+    return per_image.to_numpy(np.float64), per_image.index.tolist()

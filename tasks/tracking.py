@@ -19,6 +19,7 @@ import pandas as pd
 
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in CLI output
 
 import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
@@ -38,9 +39,10 @@ class Tracker:
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             # MLflow would fix an absolute <cwd>/mlruns location; keep artifacts beside the store.
-            root = Path(artifact_root or _default_artifact_root(uri)) / experiment
+            root = artifact_root or _default_artifact_root(uri)
+            location = None if root is None else (Path(root) / experiment).resolve().as_uri()
             self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=root.resolve().as_uri())
+                experiment, artifact_location=location)
         else:
             self.experiment_id = found.experiment_id
         self.parent_id: str | None = None
@@ -97,14 +99,17 @@ class Tracker:
         self.log_file(run_id, target)
 
 
-def _default_artifact_root(uri: str) -> Path:
+def _default_artifact_root(uri: str) -> Path | None:
     if uri.startswith("sqlite:///"):
         return Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts"
-    return Path("mlartifacts")
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None  # a tracking server stores (or proxies) artifacts where it is configured to
+    return Path("mlartifacts")  # a database URI (postgresql://...): beside the working folder
 
 
 def record_pipeline(params, scanned, properties, results: list[dict], step_rows: list[dict],
-                    seconds: float, fusions: list[dict] | None = None) -> dict:
+                    seconds: float, fusions: list[dict] | None = None,
+                    plots: list[dict] | None = None) -> dict:
     """Log one pipeline invocation: parent run (data tables, step cache report), one child
     run per (category, method) with its metrics, plots, overlays and fitted detector.
 
@@ -118,7 +123,7 @@ def record_pipeline(params, scanned, properties, results: list[dict], step_rows:
     from .params import flatten
 
     experiment = params.tracking.experiment or params.dataset_name
-    tracker = Tracker(params.tracking.uri, experiment)
+    tracker = Tracker(params.tracking.resolved_uri(), experiment)
     steps = pd.DataFrame(step_rows)
     all_cached = bool(len(steps)) and bool((steps["status"] == "cached").all())
     base_tags = {"dataset": params.dataset_name, "backbone": params.features.backbone}
@@ -126,6 +131,7 @@ def record_pipeline(params, scanned, properties, results: list[dict], step_rows:
                                   {**base_tags, "all_steps_cached": str(all_cached)})
     summary = {"experiment": experiment, "experiment_id": tracker.experiment_id,
                "parent_run_id": parent, "results": [], "all_steps_cached": all_cached}
+    registrations: list[dict] = []  # detectors to register when params.registry.enabled
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         manifest = scanned.manifest.table()
@@ -165,10 +171,12 @@ def record_pipeline(params, scanned, properties, results: list[dict], step_rows:
             tracker.finish(child)
             summary["results"].append({"category": result["category"],
                                        "method": result["method"], "run_id": child, **metrics})
+            registrations.append({"result": result, "run_id": child, "metrics": metrics})
         for fused in fusions or []:
             folder = Path(fused["fusion"].path)
             summary_values = json.loads((folder / "summary.json").read_text())
-            tags = {**base_tags, "category": fused["category"], "method": "segad_fusion"}
+            tags = {**base_tags, "category": fused["category"], "method": "segad_fusion",
+                    "fusion_mode": summary_values.get("mode", "supervised")}
             child = tracker.start_child(
                 f"{fused['category']}-segad_fusion",
                 {**flatten(params), "fusion.detectors": summary_values["detectors"]}, tags)
@@ -187,10 +195,233 @@ def record_pipeline(params, scanned, properties, results: list[dict], step_rows:
                                        "image_auroc_std": numeric.get("image_auroc_std"),
                                        **{k: v for k, v in numeric.items()
                                           if k.endswith("image_score_auroc_mean")}})
+        for plotted in plots or []:  # per category: curves, defect-type bars, t-SNE
+            if any(Path(plotted["plots"].path).iterdir()):
+                tracker.log_folder(parent, plotted["plots"].path,
+                                   f"plots/{plotted['category']}")
         comparison = pd.DataFrame([{k: v for k, v in r.items() if k != "run_id"}
                                    for r in summary["results"]])
         tracker.log_table(parent, comparison, "comparison.csv", work)
         tracker.log_metrics(parent, {"total_seconds": seconds})
+    if params.registry.enabled:  # model registry (off by default): see register_detectors
+        summary["registered"] = register_detectors(tracker, params, registrations)
     tracker.finish(parent)
     summary["total_seconds"] = seconds
     return summary
+
+
+# -- model registry --------------------------------------------------------------------
+class DetectorPyfunc(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc of one fitted detector: ``predict(images)`` -> score, verdict, map per image.
+
+    ``images``: a pandas DataFrame with a ``path`` column, a list of paths, or a list of
+    RGB uint8 arrays (H, W, 3). The result is a DataFrame with one row per image:
+    ``image``, ``score``, ``threshold``, ``verdict`` (``defective`` / ``good``) and
+    ``anomaly_map`` (float32 (H, W) at the image's resolution). All the work is
+    ``serving.ImageScorer``'s; this class only adapts it to MLflow.
+    """
+
+    def load_context(self, context) -> None:
+        from .serving import ImageScorer
+
+        self.scorer = ImageScorer.from_folder(context.artifacts["model"])
+
+    # A DataFrame hint is one MLflow infers no schema from: inputs pass through unchanged,
+    # so lists of paths or arrays work too.
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        return self.scorer.score(model_input)
+
+
+def registered_model_name(prefix: str, dataset: str, category: str, method: str) -> str:
+    """One registered model per (dataset, category, method): ``<prefix>-<dataset>-<category>-<method>``."""
+    return "-".join(str(part).replace("/", "_") for part in (prefix, dataset, category, method))
+
+
+def _pip_requirements() -> list[str]:
+    # Explicit, so MLflow does not spend time inferring them from the environment.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return [f"defectflow=={version('defectflow')}"]
+    except PackageNotFoundError:
+        return ["defectflow"]
+
+
+def register_detector(tracker: Tracker, run_id: str, name: str, model_folder: str | Path,
+                      tags: Mapping[str, object]) -> str:
+    """Log ``model_folder`` (``serving.write_model_folder``) as a pyfunc LoggedModel of
+    ``run_id`` and register it as a new version of ``name``; returns the version."""
+    import logging
+
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    level = pyfunc_log.level
+    # Its warnings do not apply here: the model class is pickled by reference to this
+    # installed module, and the inputs (paths, frames, arrays) have no fixed schema.
+    pyfunc_log.setLevel(logging.ERROR)
+    try:
+        # log_model works on the active run; in a Prefect worker thread none is active, so
+        # the child run is resumed for this call (MLflow keeps the active run per thread).
+        with mlflow.start_run(run_id=run_id, experiment_id=tracker.experiment_id):
+            info = mlflow.pyfunc.log_model(
+                name="detector", python_model=DetectorPyfunc(),
+                artifacts={"model": str(model_folder)}, pip_requirements=_pip_requirements(),
+                registered_model_name=name, await_registration_for=60)
+    finally:
+        pyfunc_log.setLevel(level)
+    version = str(info.registered_model_version)
+    for key, value in tags.items():
+        tracker.client.set_model_version_tag(name, version, key, str(value))
+    return version
+
+
+def promote_best(client: MlflowClient, name: str, alias: str, metric: str,
+                 greater_is_better: bool = True) -> str | None:
+    """Point ``alias`` at the version of ``name`` whose source run has the best ``metric``
+    (ties: the newest version). Versions without the metric are not candidates."""
+    candidates = []
+    for found in client.search_model_versions(f"name = '{name}'"):
+        try:
+            value = client.get_run(found.run_id).data.metrics.get(metric)
+        except mlflow.exceptions.MlflowException:
+            continue  # its run was deleted
+        if value is not None and value == value:
+            candidates.append((value if greater_is_better else -value, int(found.version)))
+    if not candidates:
+        return None
+    best = str(max(candidates)[1])
+    client.set_registered_model_alias(name, alias, best)
+    return best
+
+
+def _version_with_tag(client: MlflowClient, name: str, key: str, value: str) -> str | None:
+    """The newest version of registered model ``name`` tagged ``key=value``, or None."""
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tag.{key} = '{value}'")
+    except mlflow.exceptions.MlflowException:
+        return None  # no such registered model yet
+    return str(max(int(v.version) for v in found)) if found else None
+
+
+def register_detectors(tracker: Tracker, params, registrations: list[dict]) -> list[dict]:
+    """Register each (category, method) detector of a pipeline run and promote the best
+    version of each registered model to ``params.registry.alias``.
+
+    ``registrations``: ``{"result": <pipeline result>, "run_id": child run, "metrics": ...}``.
+    The SegAD fusion is not registered: its step evaluates over seeds and keeps no single
+    fitted classifier to serve.
+    """
+    import dataclasses
+    import json
+    import tempfile
+
+    from .images import text_hash
+    from .serving import config_from_pipeline, overlay_scale, write_model_folder
+
+    registry = params.registry
+    registered = []
+    for item in registrations:
+        result, metrics = item["result"], item["metrics"]
+        threshold = metrics.get("threshold")
+        if threshold is None or threshold != threshold:
+            continue  # no held-out good images: no label-free threshold to decide with
+        name = registered_model_name(registry.name_prefix, params.dataset_name,
+                                     result["category"], result["method"])
+        config = config_from_pipeline(params, result, threshold,
+                                      overlay_scale(result["scores"].path))
+        # The fitted detector's content key plus its scoring settings: a rerun from cache
+        # finds its version instead of registering the same model again.
+        model_key = text_hash(result["model"].key,
+                              json.dumps(dataclasses.asdict(config), sort_keys=True))
+        version = _version_with_tag(tracker.client, name, "model_key", model_key)
+        if version is None:
+            with tempfile.TemporaryDirectory(prefix="defectflow-model-") as tmp:
+                folder = write_model_folder(Path(tmp) / "model", result["model"].path, config)
+                tags = {"dataset": params.dataset_name, "category": result["category"],
+                        "method": result["method"], "backbone": params.features.backbone,
+                        "threshold": threshold, "model_key": model_key,
+                        **{f"metric.{k}": v for k, v in metrics.items()
+                           if isinstance(v, (int, float))}}
+                version = register_detector(tracker, item["run_id"], name, folder, tags)
+        tracker.set_tags(item["run_id"], {"registered_model": name,
+                                          "registered_version": version})
+        registered.append({"name": name, "version": version, "category": result["category"],
+                           "method": result["method"]})
+    for name in sorted({r["name"] for r in registered}):
+        best = promote_best(tracker.client, name, registry.alias, registry.metric,
+                            registry.greater_is_better)
+        if best is None:
+            import warnings
+
+            warnings.warn(f"registry.metric {registry.metric!r} is in no version of {name!r}: "
+                          f"alias {registry.alias!r} not set", stacklevel=2)
+        for entry in registered:
+            if entry["name"] == name:
+                entry[registry.alias] = best
+    return registered
+
+
+def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """``NAME@ALIAS`` or ``NAME/VERSION`` -> (name, alias, version)."""
+    from .errors import DefectflowError
+
+    if "@" in ref:
+        name, alias = ref.rsplit("@", 1)
+        if name and alias:
+            return name, alias, None
+    elif "/" in ref:
+        name, version = ref.rsplit("/", 1)
+        if name and version.isdigit():
+            return name, None, version
+    raise DefectflowError(f"model reference {ref!r} is not NAME@ALIAS or NAME/VERSION")
+
+
+def resolve_model(ref: str, uri: str) -> dict:
+    """The registered version a reference points at: name, version, run_id, uri, tags."""
+    from .errors import DefectflowError
+
+    name, alias, version = parse_model_ref(ref)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        found = (client.get_model_version_by_alias(name, alias) if alias
+                 else client.get_model_version(name, version))
+    except mlflow.exceptions.MlflowException as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DefectflowError(f"registered model {ref!r} not found ({message})", uri) from None
+    return {"name": name, "alias": alias, "version": str(found.version),
+            "run_id": found.run_id, "uri": f"models:/{name}/{found.version}",
+            "tags": dict(found.tags)}
+
+
+def load_model(ref: str | dict, uri: str):
+    """(pyfunc model, resolved version) of ``NAME@ALIAS`` / ``NAME/VERSION``. The version is
+    resolved once and loaded by number, so an alias moved meanwhile cannot mix versions."""
+    resolved = resolve_model(ref, uri) if isinstance(ref, str) else ref
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    # suppress_warnings skips MLflow's requirement check (~5 s of package scanning per
+    # process): the model runs in the environment that logged it.
+    return mlflow.pyfunc.load_model(resolved["uri"], suppress_warnings=True), resolved
+
+
+def log_scoring_batch(uri: str, experiment: str, model: dict, counts: Mapping[str, float],
+                      tables: Mapping[str, pd.DataFrame], extra_params: Mapping[str, str]
+                      ) -> str:
+    """One MLflow run per scored inbox batch: the model and version as params, the counts as
+    metrics and the batch's tables (``results.csv``, ``quarantined.csv``) as artifacts."""
+    import tempfile
+
+    tracker = Tracker(uri, experiment)
+    run = tracker.client.create_run(tracker.experiment_id, run_name=f"score-{model['name']}",
+                                    tags={"model": model["name"], "model_version": model["version"],
+                                          **{k: model["tags"][k] for k in
+                                             ("dataset", "category", "method")
+                                             if k in model["tags"]}})
+    run_id = run.info.run_id
+    tracker.log_params(run_id, {"model": model["name"], "model_version": model["version"],
+                                "model_alias": model.get("alias") or "", **extra_params})
+    tracker.log_metrics(run_id, counts)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, table in tables.items():
+            tracker.log_table(run_id, table, name, Path(tmp))
+    tracker.finish(run_id)
+    return run_id

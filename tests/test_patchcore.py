@@ -76,6 +76,7 @@ def test_patchcore_separates_generated_defects_and_localizes_them(product, tmp_p
 
     detector = PatchCore(PatchCoreParams(layers=LAYERS, coreset_ratio=0.25)).fit(subset(["train"]))
     n_train_vectors = (patches.split == "train").sum() * 8 * 8
+    assert 0 < detector.fit_seconds["coreset"] <= detector.fit_seconds["total"]
     assert len(detector.memory_bank) == pytest.approx(0.25 * n_train_vectors, abs=2)
     test = subset(["test"])
     scores, maps = detector.score(test)
@@ -122,3 +123,96 @@ def test_hnsw_search_agrees_with_exact_search(product, tmp_path):
     approx = PatchCore(PatchCoreParams(layers=LAYERS, coreset_ratio=0.25, search="hnsw"))
     approx.memory_bank = exact.memory_bank
     np.testing.assert_allclose(approx.score(test)[0], exact.score(test)[0], rtol=0.05)
+
+
+def test_vectorized_greedy_picks_what_the_textbook_greedy_picks():
+    import torch
+
+    from defectflow.tasks.coreset import _greedy
+
+    points = np.random.default_rng(2).normal(size=(300, 12)).astype(np.float32)
+    picked = _greedy(torch.from_numpy(points), 25, start=7)
+    # Textbook k-center greedy: full distances, the farthest point from the set each step.
+    expected, nearest = [7], np.linalg.norm(points - points[7], axis=1)
+    for _ in range(24):
+        expected.append(int(nearest.argmax()))
+        nearest = np.minimum(nearest, np.linalg.norm(points - points[expected[-1]], axis=1))
+    assert picked.tolist() == expected
+
+
+def test_prefetch_keeps_order_and_raises_the_producers_error():
+    from defectflow.tasks.features import prefetch
+
+    assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("image 2 is broken")
+
+    got = []
+    with pytest.raises(ValueError, match="image 2 is broken"):
+        for item in prefetch(failing()):
+            got.append(item)
+    assert got == [1]
+    # Stopping early ends the producer thread instead of leaving it blocked.
+    import threading
+
+    for item in prefetch(iter(range(1000)), depth=1):
+        break
+    assert not any(t.name == "defectflow-prefetch" for t in threading.enumerate())
+
+
+def test_normalize_batch_matches_preprocess_and_is_channels_last():
+    import torch
+
+    from defectflow.tasks.features import normalize_batch, preprocess, resize
+
+    rng = np.random.default_rng(3)
+    crops = [rng.integers(0, 256, size=(70, 90, 3), dtype=np.uint8) for _ in range(3)]
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    expected = np.stack([preprocess(c, 64, mean, std) for c in crops])
+    got = normalize_batch(np.stack([resize(c, 64) for c in crops]), mean, std, "cpu")
+    assert got.shape == (3, 3, 64, 64) and got.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_array_equal(got.numpy(), expected)
+
+
+def test_border_pooling_changes_only_the_border_and_is_validated():
+    from defectflow.tasks.methods.patchcore import embed
+
+    rng = np.random.default_rng(4)
+    maps = {"a": rng.normal(size=(2, 5, 8, 8)).astype(np.float32),
+            "b": rng.normal(size=(2, 7, 4, 4)).astype(np.float32)}
+    valid = embed(maps, ("a", "b"), "valid").numpy()
+    padded = embed(maps, ("a", "b"), "zero_padded").numpy()
+    assert valid.shape == padded.shape == (2, 8, 8, 12)
+    # The shallow layer's interior cells see no padding: identical there.
+    np.testing.assert_allclose(padded[:, 1:-1, 1:-1, :5], valid[:, 1:-1, 1:-1, :5], rtol=1e-6)
+    # A corner averages 4 real cells: zero padding scales it by 4/9.
+    np.testing.assert_allclose(padded[:, 0, 0, :5], valid[:, 0, 0, :5] * 4 / 9, rtol=1e-5)
+    with pytest.raises(ValueError, match="border_pooling"):
+        PatchCoreParams(border_pooling="reflect")
+
+
+def test_two_stage_coreset_covers_clusters_that_per_chunk_selection_misses():
+    from defectflow.tasks.coreset import StreamingCoreset
+
+    rng = np.random.default_rng(5)
+    centers = rng.normal(0, 50, size=(25, 16))
+    # First chunk: one tight cluster; second chunk: 24 clusters. 25 rows are kept in all.
+    first = centers[0] + rng.normal(0, 0.1, size=(1000, 16))
+    second = centers[1 + np.arange(1000) % 24] + rng.normal(0, 0.1, size=(1000, 16))
+    points = np.concatenate([first, second]).astype(np.float32)
+
+    def clusters_covered(oversample):
+        coreset = StreamingCoreset(0.0125, projection_dim=16, chunk_size=1000,
+                                   oversample=oversample)
+        coreset.add(points)
+        bank = coreset.finish()
+        assert abs(len(bank) - 25) <= 1 and coreset.seen == 2000  # per-chunk rounding
+        nearest = np.linalg.norm(bank[:, None] - centers[None], axis=2).argmin(axis=1)
+        return len(set(nearest))
+
+    # Per chunk, 12-13 rows go to the single cluster of the first chunk.
+    assert clusters_covered(oversample=1) < 20
+    # The final pass over both chunks' candidates spends them where the clusters are.
+    assert clusters_covered(oversample=4) == 25

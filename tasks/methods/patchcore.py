@@ -10,6 +10,7 @@ bank feature is among its own neighbours (paper, eq. 7).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,14 @@ class PatchCoreParams:
     coreset_ratio: float = 0.1
     projection_dim: int = 128          # JL projection used by the coreset selection only
     coreset_chunk: int = 16384         # vectors per greedy chunk: bounds memory, time linear in N
+    # Chunks keep oversample x ratio, then one greedy pass over all kept picks ratio x N (when
+    # oversample x ratio <= 0.1): close to a whole-bank greedy at small ratios. 1: per chunk only.
+    coreset_oversample: int = 4
     num_neighbors: int = 9             # b in the paper's image-score reweighting
+    # 3x3 average at the map border: "zero_padded" counts the zero padding, as the reference
+    # code and anomalib do; "valid" averages only the cells inside the map. zero_padded measured
+    # +2 image / +8 pixel AUROC points on 100 train images of Magnetic Tile at 256 px.
+    border_pooling: str = "zero_padded"
     smoothing_sigma: float = 4.0       # Gaussian blur of the upsampled anomaly map
     search: str = "exact"              # "exact" (faiss flat L2) or "hnsw" (approximate, for big banks)
     hnsw_neighbors: int = 32           # HNSW graph degree (M)
@@ -40,22 +48,33 @@ class PatchCoreParams:
         self.layers = tuple(self.layers)
         if not 0 < self.coreset_ratio <= 1:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
-        if self.num_neighbors < 1 or self.projection_dim < 1 or self.coreset_chunk < 2:
-            raise ValueError("num_neighbors, projection_dim and coreset_chunk must be positive")
+        if (self.num_neighbors < 1 or self.projection_dim < 1 or self.coreset_chunk < 2
+                or self.coreset_oversample < 1):
+            raise ValueError("num_neighbors, projection_dim, coreset_chunk and coreset_oversample "
+                             "must be positive")
         if self.search not in ("exact", "hnsw"):
             raise ValueError(f"search must be 'exact' or 'hnsw', got {self.search!r}")
+        if self.border_pooling not in ("zero_padded", "valid"):
+            raise ValueError(f"border_pooling must be 'zero_padded' or 'valid', "
+                             f"got {self.border_pooling!r}")
         if self.smoothing_sigma < 0:
             raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
 
 
-def embed(feature_maps: dict[str, np.ndarray], layers) -> torch.Tensor:
-    """(n, h, w, D) locally aware features on the grid of the first (shallowest) layer."""
+def embed(feature_maps: dict[str, np.ndarray], layers,
+          border_pooling: str = "valid") -> torch.Tensor:
+    """(n, h, w, D) locally aware features on the grid of the first (shallowest) layer.
+
+    ``border_pooling`` as in :class:`PatchCoreParams`; the default "valid" is what the
+    ensemble method was tuned with.
+    """
     first = torch.from_numpy(feature_maps[layers[0]])
     grid = first.shape[-2:]
     parts = []
     for layer in layers:
         fmap = torch.from_numpy(feature_maps[layer])
-        fmap = F.avg_pool2d(fmap, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+        fmap = F.avg_pool2d(fmap, kernel_size=3, stride=1, padding=1,
+                            count_include_pad=border_pooling == "zero_padded")
         if fmap.shape[-2:] != grid:
             fmap = F.interpolate(fmap, size=grid, mode="bilinear", align_corners=False)
         parts.append(fmap)
@@ -75,13 +94,19 @@ class PatchCore(Detector):
     def fit(self, train: PatchSet) -> "PatchCore":
         # The bank streams through the chunked coreset as it is embedded: memory holds one
         # chunk plus the selected rows, never the whole bank (issue: 146M vectors at stride 112).
+        # The greedy steps run where the features were computed (train.device: "cpu" or "cuda").
+        started = time.perf_counter()
         coreset = StreamingCoreset(self.params.coreset_ratio, self.params.projection_dim,
-                                   self.params.coreset_chunk, self.params.seed)
+                                   self.params.coreset_chunk, self.params.seed, device=train.device,
+                                   oversample=self.params.coreset_oversample)
         for _, maps in train.feature_chunks(self.params.layers, chunk_size=64):
-            feats = embed(maps, self.params.layers)
+            feats = embed(maps, self.params.layers, self.params.border_pooling)
             coreset.add(feats.reshape(-1, feats.shape[-1]).numpy())
         self.memory_bank = coreset.finish()
         self.bank_vectors_seen = coreset.seen
+        # Where fit time went (seconds), for benchmarks; not part of the saved state.
+        self.fit_seconds = {"coreset": coreset.seconds,
+                            "total": time.perf_counter() - started}
         self._index = None
         return self
 
@@ -104,7 +129,7 @@ class PatchCore(Detector):
         scores = np.zeros(len(batch), dtype=np.float32)
         anomaly_maps = np.zeros((len(batch), size, size), dtype=np.float32)
         for part, maps in batch.feature_chunks(self.params.layers):
-            feats = embed(maps, self.params.layers)
+            feats = embed(maps, self.params.layers, self.params.border_pooling)
             n, h, w, dim = feats.shape
             queries = feats.reshape(-1, dim).numpy()
             sq_dist, nearest = self.index.search(queries, 1)

@@ -1,0 +1,82 @@
+"""Scoring flow: every new image of an inbox, with a registered model, one MLflow run per batch.
+
+    1 resolve   NAME@ALIAS -> model version (the registry is asked once per batch)
+    2 score     tasks.inbox.score_inbox with the version's MLflow pyfunc
+    3 track     one run in the scoring experiment (only when something was processed)
+
+``defectflow score`` runs it once; ``defectflow score --every SECONDS`` serves it as a
+Prefect deployment on an interval schedule.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from ..tasks import inbox as inbox_lib
+
+SCORING_EXPERIMENT = "defectflow-scoring"
+DEPLOYMENT_NAME = "defectflow-score"
+
+
+@task(name="resolve model", cache_policy=NO_CACHE)
+def resolve(model: str, tracking_uri: str) -> dict:
+    from ..tasks.tracking import resolve_model
+
+    return resolve_model(model, tracking_uri)
+
+
+@task(name="score inbox", cache_policy=NO_CACHE)
+def score(resolved: dict, inbox: str, out: str, tracking_uri: str) -> inbox_lib.InboxBatch:
+    from ..tasks.tracking import load_model
+
+    pyfunc, _ = load_model(resolved, tracking_uri)
+    # The overlay colour scale saved with the model (the evaluation's), so overlays compare.
+    scorer = pyfunc.unwrap_python_model().scorer
+    return inbox_lib.score_inbox(inbox, out, pyfunc.predict, resolved["name"],
+                                 resolved["version"], map_vmax=scorer.config.map_vmax)
+
+
+@task(name="track batch", cache_policy=NO_CACHE)
+def track(resolved: dict, batch: inbox_lib.InboxBatch, inbox: str, out: str,
+          tracking_uri: str, experiment: str) -> str:
+    import pandas as pd
+
+    from ..tasks.tracking import log_scoring_batch
+
+    tables = {"results.csv": pd.DataFrame(batch.rows, columns=inbox_lib.RESULT_COLUMNS)}
+    if batch.quarantined:
+        tables["quarantined.csv"] = pd.DataFrame(batch.quarantined)
+    return log_scoring_batch(tracking_uri, experiment, resolved, batch.counts, tables,
+                             {"inbox": inbox, "out": out})
+
+
+@flow(name="defectflow-score", log_prints=False)
+def score_flow(model: str, inbox: str, out: str, tracking_uri: str = "sqlite:///mlflow.db",
+               experiment: str = SCORING_EXPERIMENT) -> dict:
+    """Score the inbox's new images with registered model ``model`` (NAME@ALIAS or NAME/N)."""
+    resolved = resolve(model, tracking_uri)
+    summary = {"model": resolved["name"], "model_version": resolved["version"],
+               "n_scored": 0, "n_quarantined": 0, "n_defective": 0, "n_recovered": 0,
+               "run_id": None, "busy": False}
+    if not inbox_lib.pending_images(inbox):
+        return summary  # an idle inbox loads no model and logs no run
+    batch = score(resolved, inbox, out, tracking_uri)
+    summary.update(batch.counts, busy=batch.busy)
+    if batch.rows or batch.quarantined:
+        summary["run_id"] = track(resolved, batch, inbox, out, tracking_uri, experiment)
+    return summary
+
+
+def serve_every(seconds: float, **parameters) -> None:
+    """Serve ``score_flow`` as a deployment that runs every ``seconds`` (blocks until stopped).
+    Needs a Prefect server with its scheduler (``python3 -m defectflow.prefect_server``, or
+    ``prefect server start`` with SQLAlchemy 2.0) and PREFECT_API_URL pointing at it."""
+    from prefect.types.entrypoint import EntrypointType
+
+    # By module path: the runner imports defectflow.flows.score (its relative imports need
+    # the package), not this file on its own.
+    # limit=1: a batch slower than the interval delays the next run instead of starting a
+    # pile of runs that would only find the inbox locked.
+    score_flow.serve(name=DEPLOYMENT_NAME, interval=seconds, parameters=parameters,
+                     entrypoint_type=EntrypointType.MODULE_PATH, limit=1)

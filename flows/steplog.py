@@ -1,0 +1,166 @@
+"""Submitting the pipeline's steps to the flow's task runner, and what each step did.
+
+``StepLog.submit`` returns a ``Later``: a step's result that is not there yet. Laters can
+be passed to later steps (also inside dicts and lists); a step is submitted to the task
+runner as soon as every Later in its inputs is finished, with their values in its place.
+So the flow reads like the sequential code it replaces while independent categories and
+methods run side by side. Resolving inputs here (not handing Prefect futures to Prefect)
+keeps two behaviours of the sequential flow:
+
+- a cached result whose files were deleted is computed again (``refresh_cache``) before
+  anything downstream sees it;
+- every step's task inputs are plain values, so its cache key is the same whichever task
+  runner runs it, and a second identical run is fully cached.
+
+Each finished step is printed as it finishes (ran or cached, seconds from submission to
+its end) and kept in a row for MLflow's ``steps.csv``, in the order the flow declared it.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from typing import Any, Callable
+
+
+class Later:
+    """The pending result of one submitted step (or of a function of another Later)."""
+
+    def __init__(self, index: int, label: str, step, args: tuple, kwargs: dict,
+                 derive: Callable | None = None):
+        self.index, self.label, self.step = index, label, step
+        self.args, self.kwargs, self.derive = args, kwargs, derive
+        self.deps = _laters((args, kwargs))
+        self.future = None
+        self.submitted = self.finished = 0.0
+        self.refreshed = False
+        self.done = False
+        self.value: Any = None
+
+    def then(self, fn: Callable) -> "Later":
+        """``fn(value)`` once this step is done, computed in the flow (no task of its own)."""
+        return Later(-1, f"{self.label} (then)", None, (self,), {}, derive=fn)
+
+
+def _laters(obj) -> list[Later]:
+    if isinstance(obj, Later):
+        return [obj]
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in _laters(v)]
+    if isinstance(obj, (list, tuple)):
+        return [x for v in obj for x in _laters(v)]
+    return []
+
+
+def resolve(obj):
+    """``obj`` with every finished Later replaced by its value (dicts, lists, tuples)."""
+    if isinstance(obj, Later):
+        assert obj.done, obj.label
+        return obj.value
+    if isinstance(obj, dict):
+        return {k: resolve(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [resolve(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(resolve(v) for v in obj)
+    return obj
+
+
+class StepLog:
+    """Runs steps on the flow's task runner as their inputs become ready; records each one."""
+
+    def __init__(self, verbose: bool = True):
+        self.verbose = verbose
+        self._rows: list[tuple[int, dict]] = []
+        self._waiting: list[Later] = []
+        self._running: set[Later] = set()
+        self._finished: queue.Queue[Later] = queue.Queue()  # filled by the futures' callbacks
+        self._count = 0
+
+    @property
+    def rows(self) -> list[dict]:
+        """One row per finished step (step, status, seconds), in the flow's order."""
+        return [row for _, row in sorted(self._rows, key=lambda item: item[0])]
+
+    # -- declaring steps -----------------------------------------------------------------
+    def submit(self, label: str, step, *args, **kwargs) -> Later:
+        """Run ``step`` (a Prefect task) once the Laters among its inputs are finished."""
+        later = Later(self._count, label, step, args, kwargs)
+        self._count += 1
+        self._add(later)
+        return later
+
+    def then(self, later: Later, fn: Callable) -> Later:
+        derived = later.then(fn)
+        self._add(derived)
+        return derived
+
+    def run(self, label: str, step, *args, **kwargs):
+        """Submit ``step`` and wait for its value (for values the flow itself needs)."""
+        later = self.submit(label, step, *args, **kwargs)
+        self.wait(until=later)
+        return later.value
+
+    def gather(self, obj):
+        """Wait for every declared step; ``obj`` with its Laters replaced by their values."""
+        self.wait()
+        return resolve(obj)
+
+    # -- scheduling --------------------------------------------------------------------
+    def _add(self, later: Later) -> None:
+        self._waiting.append(later)
+        self._start_ready()
+
+    def _start_ready(self) -> None:
+        while True:
+            ready = [w for w in self._waiting if all(d.done for d in w.deps)]
+            if not ready:
+                return
+            for later in ready:
+                self._waiting.remove(later)
+                if later.derive is not None:
+                    later.value, later.done = later.derive(resolve(later.args[0])), True
+                else:
+                    later.submitted = time.perf_counter()
+                    self._submit(later)
+
+    def _submit(self, later: Later, refresh: bool = False) -> None:
+        options: dict[str, Any] = {"task_run_name": later.label}
+        if refresh:
+            options["refresh_cache"] = True
+        future = later.step.with_options(**options).submit(*resolve(later.args),
+                                                           **resolve(later.kwargs))
+        later.future = future
+        self._running.add(later)
+
+        def finished(_future, later=later):
+            later.finished = time.perf_counter()
+            self._finished.put(later)
+
+        future.add_done_callback(finished)
+
+    def wait(self, until: Later | None = None) -> None:
+        """Handle finished steps (and start what they unblock) until ``until`` or all are done."""
+        self._start_ready()
+        while (not until.done) if until is not None else (self._waiting or self._running):
+            if not self._running:
+                raise RuntimeError(f"steps wait on inputs that never come: "
+                                   f"{[w.label for w in self._waiting]}")
+            self._finish(self._finished.get())
+            self._start_ready()
+
+    def _finish(self, later: Later) -> None:
+        self._running.discard(later)
+        value = later.future.result()  # a failed step raises its own error here
+        if hasattr(value, "exists") and not value.exists() and not later.refreshed:
+            # Prefect remembered a result whose files were deleted: compute it again.
+            later.refreshed = True
+            self._submit(later, refresh=True)
+            return
+        status = "cached" if later.future.state.name == "Cached" else "ran"
+        seconds = later.finished - later.submitted
+        later.value, later.done = value, True
+        self._rows.append((later.index, {"step": later.label, "status": status,
+                                         "seconds": round(seconds, 2)}))
+        if self.verbose:
+            print(f"  {later.label:<40} {status:>6}  {seconds:7.1f} s", flush=True)
