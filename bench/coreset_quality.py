@@ -50,19 +50,12 @@ def main() -> int:
     from defectflow.tasks.params import load_params, method_params
 
     p = load_params(args.params, {"features.input_size": args.input_size})
-    cache = args.cache_dir or p.cache_dir
-    fingerprint = steps.source_fingerprint(p.dataset.layout, p.dataset.path)
-    scanned = steps.scan_step(p.dataset.model_dump(mode="json"), fingerprint, cache)
-    patches = steps.patches_step(scanned.manifest, p.patches.size, p.patches.stride,
-                                 p.patches.min_mean_intensity, cache)
+    scanned, patches, cache = steps.prepare_without_prefect(p, args.cache_dir)
     manifest = scanned.manifest.table()
-    features = p.features.model_dump(mode="json")
     rows = []
     for category in sorted(manifest["category"].unique()):
-        stats = {**steps.normalization_step(patches, scanned.manifest, category,
-                                            p.normalization), "denoise": None}
-        store = steps.features_step(patches, scanned.manifest, category, features, stats,
-                                    cache, progress=False)
+        stats, store = steps.category_features_without_prefect(p, scanned, patches, category,
+                                                               cache)
         table = steps._category_rows(patches, category)
         train = steps._patch_set(store, table, (table["split"] == "train").to_numpy(),
                                  scanned.manifest, args.input_size, stats, p.features.device)

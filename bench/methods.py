@@ -42,21 +42,13 @@ def main() -> None:
     from defectflow.tasks.params import load_params, method_params
 
     p = load_params(args.params)
-    cache = p.cache_dir
-    dataset = p.dataset.model_dump(mode="json")
-    fingerprint = steps.source_fingerprint(p.dataset.layout, p.dataset.path)
-    scanned = steps.scan_step(dataset, fingerprint, cache)
-    patches = steps.patches_step(scanned.manifest, p.patches.size, p.patches.stride,
-                                 p.patches.min_mean_intensity, cache)
+    scanned, patches, cache = steps.prepare_without_prefect(p)
     manifest = scanned.manifest.table()
-    features = p.features.model_dump(mode="json")
     rows = []
     for category in sorted(manifest["category"].unique()):
-        stats = {**steps.normalization_step(patches, scanned.manifest, category,
-                                            p.normalization), "denoise": None}
         start = time.perf_counter()
-        store = steps.features_step(patches, scanned.manifest, category, features, stats,
-                                    cache, progress=False)
+        stats, store = steps.category_features_without_prefect(p, scanned, patches, category,
+                                                               cache)
         print(f"[{category}] features ready in {time.perf_counter() - start:.1f} s "
               "(0 when cached)", flush=True)
         table = steps._category_rows(patches, category)

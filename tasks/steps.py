@@ -176,6 +176,32 @@ def normalization_step(patches: Ref, manifest: Ref, category: str, mode: str,
 
 
 # -- 4. features -------------------------------------------------------------------
+def prepare_without_prefect(params, cache_dir: str | None = None):
+    """Steps 1-3 for a benchmark, without Prefect or MLflow: (scanned, patches, cache_dir).
+
+    Same cache as the pipeline, so features a run already extracted are found again.
+    """
+    cache = cache_dir or params.cache_dir
+    fingerprint = source_fingerprint(params.dataset.layout, params.dataset.path)
+    scanned = scan_step(params.dataset.model_dump(mode="json"), fingerprint, cache)
+    patches = patches_step(scanned.manifest, params.patches.size, params.patches.stride,
+                           params.patches.min_mean_intensity, cache)
+    return scanned, patches, cache
+
+
+def category_features_without_prefect(params, scanned: "ScanResult", patches: Ref,
+                                      category: str, cache_dir: str):
+    """Steps 3-4 of one category for a benchmark: (normalization stats, feature store)."""
+    denoise = (params.preprocessing.denoise.model_dump(mode="json")
+               if params.preprocessing.denoise else None)
+    stats = {**normalization_step(patches, scanned.manifest, category, params.normalization,
+                                  denoise), "denoise": denoise}
+    store = features_step(patches, scanned.manifest, category,
+                          params.features.model_dump(mode="json"), stats, cache_dir,
+                          progress=False)
+    return stats, store
+
+
 def features_step(patches: Ref, manifest: Ref, category: str, features: dict, stats: dict,
                   cache_dir: str, progress: bool = True) -> FeatureStoreRef:
     rows = _category_rows(patches, category)

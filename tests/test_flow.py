@@ -87,6 +87,29 @@ def test_run_trains_evaluates_tracks_and_reruns_from_cache(first_run, capsys):
     del mlflow
 
 
+
+def test_benchmark_preparation_finds_the_pipelines_features(first_run):
+    """The benches prepare data without Prefect; they must hit the pipeline's feature store."""
+    from mlflow.tracking import MlflowClient
+
+    from defectflow.tasks import steps
+    from defectflow.tasks.params import load_params
+
+    tmp, _, params_path = first_run
+    assert main(["run", str(params_path), "--quiet"]) == 0  # from cache after the first test
+    params = load_params(params_path)
+    scanned, patches, cache = steps.prepare_without_prefect(params)
+    assert cache == params.cache_dir
+    stats, store = steps.category_features_without_prefect(params, scanned, patches,
+                                                           "product", cache)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("generated")
+    logged = {r.data.params["feature_store_key"] for r in client.search_runs(
+        [experiment.experiment_id]) if r.data.tags.get("mlflow.parentRunId")
+        and r.data.tags.get("method") == "patchcore"}
+    assert logged == {store.key}
+    assert len(stats["mean"]) == 3 and stats["denoise"] is None
+
 def test_corrupt_image_is_skipped_and_counted(first_run, capsys, tmp_path):
     _, data, _ = first_run
     copy = tmp_path / "product"
