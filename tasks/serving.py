@@ -11,7 +11,12 @@ pipeline's own code: ``patches.plan_patches`` for the windows,
 store), ``steps._patch_set`` for the detector's input and ``Detector.score``.
 An image's score is the maximum over its patches, as in ``steps.image_scores``.
 
-This module is plain Python: the MLflow pyfunc wrapper lives in ``tracking.py``.
+A registered SegAD fusion (``tracking.register_fusions``) is a folder with each fused
+detector's model folder under ``detectors/<method>/`` and the fusion's files under
+``fusion/`` (the forest ``steps.fusion_step`` fitted to serve, the segment map and
+``fusion.json``); :class:`FusionScorer` scores images with it.
+
+This module is plain Python: the MLflow pyfunc wrappers live in ``tracking.py``.
 """
 
 from __future__ import annotations
@@ -152,6 +157,23 @@ class ImageScorer:
                              "verdict": verdicts, "anomaly_map": maps})
 
     def _score_files(self, paths: list[str], work: Path) -> tuple[np.ndarray, list[np.ndarray]]:
+        manifest, patches, patch_scores, patch_maps = self.score_windows(paths, work)
+        scores, maps = [], []
+        for image_id, width, height in manifest[["image_id", "width", "height"]].itertuples(
+                index=False):
+            rows = np.flatnonzero(patches["image_id"].to_numpy() == image_id)
+            scores.append(float(patch_scores[rows].max()))
+            maps.append(_image_map(patch_maps[rows], patches.iloc[rows], int(width), int(height)))
+        return np.asarray(scores, dtype=np.float64), maps
+
+    def score_windows(self, paths: list[str], work: Path
+                      ) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray, np.ndarray]:
+        """(manifest, patch windows, patch scores, patch maps at input size) of image files.
+
+        The maps are float16-rounded as the pipeline stores them. ``work`` holds the
+        temporary feature store: scorers sharing one ``work`` folder and the same feature
+        settings reuse one extraction (the store is content-addressed).
+        """
         from .features import extract_features
         from .patches import plan_patches
         from .steps import SCORE_PIECE, Ref, _patch_set, _write_table
@@ -181,13 +203,7 @@ class ImageScorer:
             patch_scores[part], piece_maps = self.detector.score(batch.subset(part))
             # float16 as the pipeline stores its maps, so both give the same values.
             patch_maps[part] = piece_maps.astype(np.float16)
-        scores, maps = [], []
-        for image_id, width, height in manifest[["image_id", "width", "height"]].itertuples(
-                index=False):
-            rows = np.flatnonzero(patches["image_id"].to_numpy() == image_id)
-            scores.append(float(patch_scores[rows].max()))
-            maps.append(_image_map(patch_maps[rows], patches.iloc[rows], int(width), int(height)))
-        return np.asarray(scores, dtype=np.float64), maps
+        return manifest, patches, patch_scores, patch_maps
 
 
 def _image_files(images, work: Path) -> tuple[list[str], list[str]]:
@@ -252,3 +268,201 @@ def write_model_folder(folder: str | Path, detector_dir: str | Path,
     shutil.copytree(detector_dir, folder / "detector", dirs_exist_ok=True)
     config.save(folder / CONFIG_NAME)
     return folder
+
+
+# -- SegAD fusion -----------------------------------------------------------------------------
+FUSION_CONFIG_NAME = "fusion.json"
+FOREST_NAME = "forest.json"        # XGBoost save_model JSON
+SEGMENTS_NAME = "segments.npy"
+FUSION_CONFIG_VERSION = 1
+FUSION_THRESHOLD = 0.0
+# Why margin 0: the forest is fitted with scale_pos_weight = good/defective, so both classes
+# weigh the same and margin 0 (weighted log-odds 0) is the forest's own decision boundary,
+# with equal costs and no test label involved. A quantile of the training goods' margins
+# would be in-sample: the forest has seen those goods, their margins are overconfident and
+# the threshold would land too low (false alarms on new good images).
+FUSION_THRESHOLD_RULE = "margin 0: the forest's decision boundary (scale_pos_weight-balanced)"
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionConfig:
+    """The deployable SegAD fusion of one category, besides its forest and segment map.
+
+    ``map_low``/``map_high`` per detector put its anomaly maps on one scale for the fused
+    map: ``(map - low) / (high - low)`` with ``low`` the mean pixel of the training goods'
+    maps and ``high`` the 0.99 quantile of their map peaks, both from held-out good images
+    (0: a typical good pixel, 1: as high as the goods' highest peaks).
+    """
+
+    category: str
+    detectors: tuple[str, ...]      # feature order of the forest
+    map_size: int                   # the detectors' map side at input size (S)
+    n_segments: int                 # K
+    threshold: float                # on the forest's margin
+    map_low: tuple[float, ...]
+    map_high: tuple[float, ...]
+    map_vmax: float | None = None   # overlay colour scale of fused maps
+    classifier: str = "brf"
+    train_seed: int = 0
+    n_train_good: int = 0
+    n_train_bad: int = 0
+    threshold_rule: str = FUSION_THRESHOLD_RULE
+    version: int = FUSION_CONFIG_VERSION
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FusionConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise DefectflowError(f"cannot read the fusion settings ({exc})", path) from None
+        if data.get("version") != FUSION_CONFIG_VERSION:
+            raise DefectflowError(f"fusion settings version {data.get('version')!r} is not "
+                                  f"{FUSION_CONFIG_VERSION}", path)
+        for name in ("detectors", "map_low", "map_high"):
+            data[name] = tuple(data[name])
+        return cls(**data)
+
+
+def fused_map(maps_per_detector: Sequence[np.ndarray], config: FusionConfig) -> np.ndarray:
+    """The fusion's anomaly maps, (n, S, S) float32: the mean over detectors of each
+    detector's maps normalized by its held-out goods (see ``FusionConfig``). The forest's
+    margin has no pixel-level counterpart; a per-detector normalized mean keeps every
+    detector's evidence and no detector dominates by its scale (PaDiM's Mahalanobis
+    distances and PatchCore's kNN distances differ by orders of magnitude)."""
+    total = None
+    for maps, low, high in zip(maps_per_detector, config.map_low, config.map_high):
+        part = (np.asarray(maps, dtype=np.float32) - low) / max(high - low, 1e-12)
+        total = part if total is None else total + part
+    return (total / len(config.detectors)).astype(np.float32)
+
+
+def write_deployable_fusion(folder: str | Path, features: pd.DataFrame, labels: pd.Series,
+                            train_ids: Sequence[str], seed: int, maps: Sequence[np.ndarray],
+                            image_ids: Sequence[str], segments: np.ndarray,
+                            detectors: Sequence[str], kind: str, n_jobs: int,
+                            category: str) -> FusionConfig:
+    """Fit the one forest to serve and write it with its settings into ``folder``.
+
+    It trains on ``train_ids`` with ``seed`` (the first seed's training split: held-out
+    goods plus its labelled or synthetic defects), exactly as the protocol fitted that seed,
+    so it is the forest behind that seed's evaluation scores. ``maps``: each detector's
+    (n, S, S) maps of the real images ``image_ids``; the training goods among them set the
+    per-detector map scale. Writes ``forest.json``, ``segments.npy`` and ``fusion.json``.
+    """
+    from . import fusion as segad
+
+    folder = Path(folder)
+    train_ids = list(train_ids)
+    model = segad.fit_classifier(features.loc[train_ids].to_numpy(np.float32),
+                                 labels.loc[train_ids].to_numpy(), kind=kind, seed=seed,
+                                 n_jobs=n_jobs)
+    model.save_model(str(folder / FOREST_NAME))
+    np.save(folder / SEGMENTS_NAME, np.ascontiguousarray(segments, dtype=np.int32))
+    position = {image_id: row for row, image_id in enumerate(image_ids)}
+    goods = [position[i] for i in train_ids if i in position and int(labels.loc[i]) == 0]
+    if not goods:
+        raise DefectflowError(f"the fusion's training split has no real good image to scale "
+                              f"the anomaly maps with (category {category!r})")
+    lows, highs = [], []
+    for maps_of in maps:
+        good_maps = np.asarray(maps_of[goods], dtype=np.float32)
+        lows.append(float(good_maps.mean()))
+        highs.append(float(np.quantile(good_maps.max(axis=(1, 2)), 0.99)))
+    y = labels.loc[train_ids].to_numpy().astype(int)
+    config = FusionConfig(
+        category=category, detectors=tuple(detectors),
+        map_size=int(np.shape(maps[0])[-1]), n_segments=segad.count_segments(segments),
+        threshold=FUSION_THRESHOLD, map_low=tuple(lows), map_high=tuple(highs),
+        classifier=kind, train_seed=int(seed), n_train_good=int((y == 0).sum()),
+        n_train_bad=int((y == 1).sum()))
+    # Overlay colour scale as the detectors': the 0.99 quantile of the fused maps' peaks.
+    peaks = fused_map(maps, config).max(axis=(1, 2))
+    config = dataclasses.replace(config, map_vmax=float(np.quantile(peaks, 0.99)))
+    config.save(folder / FUSION_CONFIG_NAME)
+    return config
+
+
+def write_fusion_model_folder(folder: str | Path, fusion_dir: str | Path,
+                              detectors: dict[str, tuple[str | Path, ScoringConfig]]) -> Path:
+    """A self-contained fusion model folder: ``detectors/<method>/`` (``write_model_folder``
+    of each fused detector: ``method -> (detector dir, scoring settings)``) and ``fusion/``
+    (forest, segment map and fusion settings from the pipeline's fusion folder)."""
+    import shutil
+
+    folder = Path(folder)
+    fusion_dir = Path(fusion_dir)
+    config = FusionConfig.load(fusion_dir / FUSION_CONFIG_NAME)
+    missing = sorted(set(config.detectors) - set(detectors))
+    if missing:
+        raise DefectflowError(f"the fusion needs detectors {missing} to be packed", fusion_dir)
+    (folder / "fusion").mkdir(parents=True, exist_ok=True)
+    for name in (FOREST_NAME, SEGMENTS_NAME, FUSION_CONFIG_NAME):
+        shutil.copy2(fusion_dir / name, folder / "fusion" / name)
+    for method in config.detectors:
+        detector_dir, scoring = detectors[method]
+        write_model_folder(folder / "detectors" / method, detector_dir, scoring)
+    return folder
+
+
+class FusionScorer:
+    """The SegAD fusion served: one ``ImageScorer`` per fused detector, the segment map and
+    the forest. ``score(images)`` gives the same columns as ``ImageScorer.score``: the score
+    is the forest's margin, the map ``fused_map`` resized to the image."""
+
+    def __init__(self, folder: str | Path):
+        from xgboost import XGBClassifier
+
+        folder = Path(folder)
+        self.config = FusionConfig.load(folder / "fusion" / FUSION_CONFIG_NAME)
+        self.scorers = {m: ImageScorer.from_folder(folder / "detectors" / m)
+                        for m in self.config.detectors}
+        self.segments = np.load(folder / "fusion" / SEGMENTS_NAME)
+        self.forest = XGBClassifier(n_jobs=1)  # one thread: serving shares the CPU
+        try:
+            self.forest.load_model(str(folder / "fusion" / FOREST_NAME))
+        except Exception as exc:  # xgboost raises its own XGBoostError
+            raise DefectflowError(f"cannot load the fusion forest ({exc})",
+                                  folder / "fusion" / FOREST_NAME) from None
+        for method, scorer in self.scorers.items():
+            if scorer.config.patch_size is not None or \
+                    scorer.config.input_size != self.config.map_size:
+                raise DefectflowError(f"detector {method!r} does not score whole images at "
+                                      f"{self.config.map_size} px as the fusion needs", folder)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "FusionScorer":
+        return cls(folder)
+
+    def score(self, images) -> pd.DataFrame:
+        """Score images (as ``ImageScorer.score`` takes them); one row per image, in order."""
+        from . import fusion as segad
+
+        with tempfile.TemporaryDirectory(prefix="defectflow-fuse-") as tmp:
+            paths, names = _image_files(images, Path(tmp))
+            if not paths:
+                return pd.DataFrame(columns=["image", "score", "threshold", "verdict",
+                                             "anomaly_map"])
+            maps, manifest = [], None
+            for method in self.config.detectors:
+                # One work folder: detectors with the same feature settings share the store.
+                manifest, windows, _, patch_maps = self.scorers[method].score_windows(
+                    paths, Path(tmp))
+                # Whole images: one window per image; put them in the manifest's order.
+                row_of = {image_id: row for row, image_id in enumerate(windows["image_id"])}
+                maps.append(patch_maps[[row_of[i] for i in manifest["image_id"]]])
+        features = segad.feature_matrix(maps, self.segments, k=self.config.n_segments)
+        scores = segad.margin_scores(self.forest, features)
+        fused = fused_map(maps, self.config)
+        sizes = manifest[["width", "height"]].to_numpy()
+        image_maps = [cv2.resize(m, (int(w), int(h)), interpolation=cv2.INTER_LINEAR)
+                      for m, (w, h) in zip(fused, sizes)]
+        threshold = self.config.threshold
+        verdicts = ["defective" if s > threshold else "good" for s in scores]
+        return pd.DataFrame({"image": names, "score": scores, "threshold": threshold,
+                             "verdict": verdicts, "anomaly_map": image_maps})

@@ -583,7 +583,8 @@ def fusion_step(method_scores: dict[str, Ref], manifest: Ref, category: str, fus
                 cache_dir: str, models: dict[str, Ref] | None = None,
                 features: dict | None = None, stats: dict | None = None) -> Ref:
     """SegAD: per-segment statistics of every detector's anomaly maps, a boosted random forest,
-    over ``fusion["seeds"]`` seeds. Writes per_seed.csv, scores.csv and summary.json.
+    over ``fusion["seeds"]`` seeds. Writes per_seed.csv, scores.csv and summary.json, and the
+    forest to serve (the first seed's) with forest.json, segments.npy and fusion.json.
 
     ``fusion["mode"]``:
 
@@ -600,6 +601,7 @@ def fusion_step(method_scores: dict[str, Ref], manifest: Ref, category: str, fus
     it trained on). Only whole-image runs are fused: with patches the maps are per window.
     """
     from . import fusion as segad
+    from .serving import write_deployable_fusion
 
     mode = fusion.get("mode", "supervised")
     detectors = sorted(method_scores)
@@ -612,7 +614,9 @@ def fusion_step(method_scores: dict[str, Ref], manifest: Ref, category: str, fus
                                   f"parameters and the normalization (category {category!r})")
         parts += [*sorted(f"{m}:{r.key}" for m, r in models.items()),
                   json.dumps(_feature_settings(features, stats), sort_keys=True)]
-    key = text_hash("fusion", STEP_VERSION, *parts)
+    # "deployable": the folder also holds the forest to serve (serving.write_deployable_fusion);
+    # a new key so that folders cached before it existed are not taken for complete ones.
+    key = text_hash("fusion", STEP_VERSION, "deployable", *parts)
     final = _out(cache_dir, "fusions", key)
     if final.exists():
         return Ref(str(final), key)
@@ -666,6 +670,10 @@ def fusion_step(method_scores: dict[str, Ref], manifest: Ref, category: str, fus
     if mode == "one_class":
         summary["n_synthetic"] = n_synthetic
     (partial / "summary.json").write_text(json.dumps(summary, indent=1))
+    # The one forest the registry serves: the first seed's, refitted as the protocol fitted it.
+    write_deployable_fusion(partial, features_table, labels, splits[0].train_ids,
+                            splits[0].seed, maps, common, segments, detectors,
+                            fusion["classifier"], fusion["n_jobs"], category)
     _finish_folder(partial, final)
     return Ref(str(final), key)
 

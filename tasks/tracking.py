@@ -131,7 +131,7 @@ def record_pipeline(params, scanned, properties, results: list[dict], step_rows:
                                   {**base_tags, "all_steps_cached": str(all_cached)})
     summary = {"experiment": experiment, "experiment_id": tracker.experiment_id,
                "parent_run_id": parent, "results": [], "all_steps_cached": all_cached}
-    registrations: list[dict] = []  # detectors to register when params.registry.enabled
+    registrations: list[dict] = []  # detectors and fusions to register (params.registry)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         manifest = scanned.manifest.table()
@@ -189,6 +189,7 @@ def record_pipeline(params, scanned, properties, results: list[dict], step_rows:
             for name in ("per_seed.csv", "scores.csv", "summary.json"):
                 tracker.log_file(child, folder / name)
             tracker.finish(child)
+            registrations.append({"fusion": fused, "run_id": child, "metrics": summary_values})
             summary["results"].append({"category": fused["category"], "method": "segad_fusion",
                                        "run_id": child,
                                        "image_auroc": numeric.get("image_auroc_mean"),
@@ -204,7 +205,9 @@ def record_pipeline(params, scanned, properties, results: list[dict], step_rows:
         tracker.log_table(parent, comparison, "comparison.csv", work)
         tracker.log_metrics(parent, {"total_seconds": seconds})
     if params.registry.enabled:  # model registry (off by default): see register_detectors
-        summary["registered"] = register_detectors(tracker, params, registrations)
+        summary["registered"] = register_detectors(
+            tracker, params, [r for r in registrations if "result" in r])
+        summary["registered"] += register_fusions(tracker, params, registrations)
     tracker.finish(parent)
     summary["total_seconds"] = seconds
     return summary
@@ -232,6 +235,18 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
         return self.scorer.score(model_input)
 
 
+class FusionPyfunc(DetectorPyfunc):
+    """MLflow pyfunc of one category's SegAD fusion: the same inputs and output columns as
+    ``DetectorPyfunc``; ``score`` is the forest's margin, ``anomaly_map`` the mean of the
+    detectors' maps each normalized by its held-out goods. The work is
+    ``serving.FusionScorer``'s."""
+
+    def load_context(self, context) -> None:
+        from .serving import FusionScorer
+
+        self.scorer = FusionScorer.from_folder(context.artifacts["model"])
+
+
 def registered_model_name(prefix: str, dataset: str, category: str, method: str) -> str:
     """One registered model per (dataset, category, method): ``<prefix>-<dataset>-<category>-<method>``."""
     return "-".join(str(part).replace("/", "_") for part in (prefix, dataset, category, method))
@@ -248,9 +263,10 @@ def _pip_requirements() -> list[str]:
 
 
 def register_detector(tracker: Tracker, run_id: str, name: str, model_folder: str | Path,
-                      tags: Mapping[str, object]) -> str:
-    """Log ``model_folder`` (``serving.write_model_folder``) as a pyfunc LoggedModel of
-    ``run_id`` and register it as a new version of ``name``; returns the version."""
+                      tags: Mapping[str, object], fusion: bool = False) -> str:
+    """Log ``model_folder`` (``serving.write_model_folder``, or with ``fusion``
+    ``serving.write_fusion_model_folder``) as a pyfunc LoggedModel of ``run_id`` and
+    register it as a new version of ``name``; returns the version."""
     import logging
 
     pyfunc_log = logging.getLogger("mlflow.pyfunc")
@@ -263,7 +279,8 @@ def register_detector(tracker: Tracker, run_id: str, name: str, model_folder: st
         # the child run is resumed for this call (MLflow keeps the active run per thread).
         with mlflow.start_run(run_id=run_id, experiment_id=tracker.experiment_id):
             info = mlflow.pyfunc.log_model(
-                name="detector", python_model=DetectorPyfunc(),
+                name="fusion" if fusion else "detector",
+                python_model=FusionPyfunc() if fusion else DetectorPyfunc(),
                 artifacts={"model": str(model_folder)}, pip_requirements=_pip_requirements(),
                 registered_model_name=name, await_registration_for=60)
     finally:
@@ -307,8 +324,7 @@ def register_detectors(tracker: Tracker, params, registrations: list[dict]) -> l
     version of each registered model to ``params.registry.alias``.
 
     ``registrations``: ``{"result": <pipeline result>, "run_id": child run, "metrics": ...}``.
-    The SegAD fusion is not registered: its step evaluates over seeds and keeps no single
-    fitted classifier to serve.
+    The SegAD fusions are registered by ``register_fusions``.
     """
     import dataclasses
     import json
@@ -352,6 +368,88 @@ def register_detectors(tracker: Tracker, params, registrations: list[dict]) -> l
         if best is None:
             import warnings
 
+            warnings.warn(f"registry.metric {registry.metric!r} is in no version of {name!r}: "
+                          f"alias {registry.alias!r} not set", stacklevel=2)
+        for entry in registered:
+            if entry["name"] == name:
+                entry[registry.alias] = best
+    return registered
+
+
+def fusion_metric(metric: str, metrics: Mapping[str, object]) -> str | None:
+    """The fusion's name for registry metric ``metric``: the fusion logs each per-seed metric
+    as its mean and std over seeds, so ``image_auroc`` ranks by ``image_auroc_mean``; a name
+    the fusion logs as is (e.g. ``image_auroc_mean``) is used unchanged. None: no such metric."""
+    if metric in metrics:
+        return metric
+    return f"{metric}_mean" if f"{metric}_mean" in metrics else None
+
+
+def register_fusions(tracker: Tracker, params, registrations: list[dict]) -> list[dict]:
+    """Register each category's SegAD fusion as ``<prefix>-<dataset>-<category>-segad_fusion``
+    (a ``FusionPyfunc``: every fused detector's model folder plus the fusion's forest,
+    segment map and settings) and promote the best version by ``params.registry.metric``
+    (through ``fusion_metric``: the fusion's metrics are means over seeds, while the served
+    forest is the first seed's).
+
+    ``registrations``: the detectors' entries (as ``register_detectors`` takes them) and the
+    fusions' ``{"fusion": <pipeline fusion entry>, "run_id": child run, "metrics": summary}``.
+    """
+    import dataclasses
+    import json
+    import tempfile
+    import warnings
+
+    from .images import text_hash
+    from .serving import (FUSION_CONFIG_NAME, FusionConfig, config_from_pipeline,
+                          overlay_scale, write_fusion_model_folder)
+
+    registry = params.registry
+    detectors = {(r["result"]["category"], r["result"]["method"]): r
+                 for r in registrations if "result" in r}
+    registered, metric_of = [], {}
+    for item in (r for r in registrations if "fusion" in r):
+        category, ref = item["fusion"]["category"], item["fusion"]["fusion"]
+        config = FusionConfig.load(Path(ref.path) / FUSION_CONFIG_NAME)
+        packed = {}
+        for method in config.detectors:
+            entry = detectors[(category, method)]
+            threshold = entry["metrics"].get("threshold")
+            scoring = config_from_pipeline(
+                params, entry["result"], float("nan") if threshold is None else threshold,
+                overlay_scale(entry["result"]["scores"].path))
+            packed[method] = (entry["result"]["model"].path, scoring)
+        name = registered_model_name(registry.name_prefix, params.dataset_name, category,
+                                     "segad_fusion")
+        # The fusion folder's content key plus every detector's scoring settings: a rerun
+        # from cache finds its version instead of registering the same model again.
+        model_key = text_hash(ref.key, *(json.dumps(dataclasses.asdict(packed[m][1]),
+                                                    sort_keys=True) for m in config.detectors))
+        version = _version_with_tag(tracker.client, name, "model_key", model_key)
+        if version is None:
+            with tempfile.TemporaryDirectory(prefix="defectflow-model-") as tmp:
+                folder = write_fusion_model_folder(Path(tmp) / "model", ref.path, packed)
+                tags = {"dataset": params.dataset_name, "category": category,
+                        "method": "segad_fusion", "backbone": params.features.backbone,
+                        "detectors": ",".join(config.detectors),
+                        "fusion_mode": item["metrics"].get("mode", "supervised"),
+                        "threshold": config.threshold, "threshold_rule": config.threshold_rule,
+                        "train_seed": config.train_seed, "model_key": model_key,
+                        **{f"metric.{k}": v for k, v in item["metrics"].items()
+                           if isinstance(v, (int, float)) and v == v}}
+                version = register_detector(tracker, item["run_id"], name, folder, tags,
+                                            fusion=True)
+        tracker.set_tags(item["run_id"], {"registered_model": name,
+                                          "registered_version": version})
+        registered.append({"name": name, "version": version, "category": category,
+                           "method": "segad_fusion"})
+        metric_of[name] = fusion_metric(registry.metric, item["metrics"])
+    for name in sorted(metric_of):
+        best = None
+        if metric_of[name] is not None:
+            best = promote_best(tracker.client, name, registry.alias, metric_of[name],
+                                registry.greater_is_better)
+        if best is None:
             warnings.warn(f"registry.metric {registry.metric!r} is in no version of {name!r}: "
                           f"alias {registry.alias!r} not set", stacklevel=2)
         for entry in registered:
