@@ -74,7 +74,10 @@ def main() -> None:
             start = time.perf_counter()
             scores, _ = detector.score(test)
             score_s = time.perf_counter() - start
-            auroc = image_metrics(test.table["label"].to_numpy(), scores, np.inf)["image_auroc"]
+            # Image labels from the manifest (the defect folder), as the pipeline's evaluation:
+            # a patch label comes from the mask, and some defective images have empty masks.
+            labels = manifest.set_index("image_id").loc[test.table["image_id"], "label"]
+            auroc = image_metrics(labels.to_numpy(), scores, np.inf)["image_auroc"]
             values = dataclasses.asdict(params)
             settings = ", ".join(f"{k}={values[k]}" for k in MAIN_SETTINGS.get(method, ())
                                  if k in values)
