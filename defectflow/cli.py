@@ -147,6 +147,10 @@ def cmd_score(args) -> int:
                               "`python3 -m defectflow.prefect_server` and set PREFECT_API_URL="
                               "http://127.0.0.1:4200/api")
     out.mkdir(parents=True, exist_ok=True)
+    from defectflow.tasks.params import TrackingParams
+
+    # As for `run`: --tracking-uri, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.
+    args.tracking_uri = TrackingParams(uri=args.tracking_uri).resolved_uri()
     parameters = dict(model=args.model, inbox=str(inbox.resolve()), out=str(out.resolve()),
                       tracking_uri=args.tracking_uri)
     from defectflow import server
@@ -226,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--inbox", required=True, metavar="DIR", help="folder of new images")
     score.add_argument("--out", required=True, metavar="DIR",
                        help="results.csv, maps/ and overlays/ go here")
-    score.add_argument("--tracking-uri", default="sqlite:///mlflow.db", metavar="URI",
-                       help="MLflow tracking and registry URI (default: sqlite:///mlflow.db)")
+    score.add_argument("--tracking-uri", default=None, metavar="URI",
+                       help="MLflow tracking and registry URI (default: MLFLOW_TRACKING_URI, "
+                            "else sqlite:///mlflow.db)")
     score.add_argument("--every", type=float, metavar="SECONDS",
                        help="serve as a Prefect deployment that scores every SECONDS")
     score.add_argument("--verbose", action="store_true", help="show Prefect's logs")

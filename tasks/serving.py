@@ -42,8 +42,35 @@ CONFIG_VERSION = 1
 FEATURE_METHODS = frozenset({"patchcore", "padim", "ensemble"})
 
 
+class _JsonSettings:
+    """Save/load of a frozen settings dataclass as versioned JSON (tuples restored)."""
+
+    _VERSION: int
+    _WHAT: str            # for error messages: "scoring settings", "fusion settings"
+    _TUPLES: tuple[str, ...]
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path):
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise DefectflowError(f"cannot read the {cls._WHAT} ({exc})", path) from None
+        if data.get("version") != cls._VERSION:
+            raise DefectflowError(f"{cls._WHAT} version {data.get('version')!r} is not "
+                                  f"{cls._VERSION}", path)
+        for name in cls._TUPLES:
+            data[name] = tuple(data[name])
+        return cls(**data)
+
+
 @dataclasses.dataclass(frozen=True)
-class ScoringConfig:
+class ScoringConfig(_JsonSettings):
     """Everything besides the fitted detector that scoring a new image needs."""
 
     method: str
@@ -64,24 +91,9 @@ class ScoringConfig:
     map_vmax: float | None = None  # overlay colour scale: the evaluation's (0.99 quantile of peaks)
     version: int = CONFIG_VERSION
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=1))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "ScoringConfig":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise DefectflowError(f"cannot read the scoring settings ({exc})", path) from None
-        if data.get("version") != CONFIG_VERSION:
-            raise DefectflowError(f"scoring settings version {data.get('version')!r} is not "
-                                  f"{CONFIG_VERSION}", path)
-        data["layers"] = tuple(data["layers"])
-        data["mean"], data["std"] = tuple(data["mean"]), tuple(data["std"])
-        return cls(**data)
+    _VERSION = CONFIG_VERSION
+    _WHAT = "scoring settings"
+    _TUPLES = ("layers", "mean", "std")
 
     @property
     def stats(self) -> dict:
@@ -285,7 +297,7 @@ FUSION_THRESHOLD_RULE = "margin 0: the forest's decision boundary (scale_pos_wei
 
 
 @dataclasses.dataclass(frozen=True)
-class FusionConfig:
+class FusionConfig(_JsonSettings):
     """The deployable SegAD fusion of one category, besides its forest and segment map.
 
     ``map_low``/``map_high`` per detector put its anomaly maps on one scale for the fused
@@ -309,24 +321,9 @@ class FusionConfig:
     threshold_rule: str = FUSION_THRESHOLD_RULE
     version: int = FUSION_CONFIG_VERSION
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=1))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "FusionConfig":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise DefectflowError(f"cannot read the fusion settings ({exc})", path) from None
-        if data.get("version") != FUSION_CONFIG_VERSION:
-            raise DefectflowError(f"fusion settings version {data.get('version')!r} is not "
-                                  f"{FUSION_CONFIG_VERSION}", path)
-        for name in ("detectors", "map_low", "map_high"):
-            data[name] = tuple(data[name])
-        return cls(**data)
+    _VERSION = FUSION_CONFIG_VERSION
+    _WHAT = "fusion settings"
+    _TUPLES = ("detectors", "map_low", "map_high")
 
 
 def fused_map(maps_per_detector: Sequence[np.ndarray], config: FusionConfig) -> np.ndarray:

@@ -34,8 +34,12 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str, artifact_root: str | Path | None = None):
         self.uri = uri
+        # The registry lives in the same store. Set both process-wide: log_model registers
+        # through MLflow's global registry URI, which an earlier load_model may have pointed
+        # at another store.
         mlflow.set_tracking_uri(uri)
-        self.client = MlflowClient(tracking_uri=uri)
+        mlflow.set_registry_uri(uri)
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             # MLflow would fix an absolute <cwd>/mlruns location; keep artifacts beside the store.
@@ -362,14 +366,24 @@ def register_detectors(tracker: Tracker, params, registrations: list[dict]) -> l
                                           "registered_version": version})
         registered.append({"name": name, "version": version, "category": result["category"],
                            "method": result["method"]})
-    for name in sorted({r["name"] for r in registered}):
-        best = promote_best(tracker.client, name, registry.alias, registry.metric,
-                            registry.greater_is_better)
-        if best is None:
-            import warnings
+    return _promote(tracker, registry, registered,
+                    {r["name"]: registry.metric for r in registered})
 
+
+def _promote(tracker: Tracker, registry, registered: list[dict],
+             metric_of: Mapping[str, str | None]) -> list[dict]:
+    """Point ``registry.alias`` of each model at its best version by its metric (warn when
+    no version has it) and note the chosen version in ``registered``."""
+    import warnings
+
+    for name in sorted(metric_of):
+        best = None
+        if metric_of[name] is not None:
+            best = promote_best(tracker.client, name, registry.alias, metric_of[name],
+                                registry.greater_is_better)
+        if best is None:
             warnings.warn(f"registry.metric {registry.metric!r} is in no version of {name!r}: "
-                          f"alias {registry.alias!r} not set", stacklevel=2)
+                          f"alias {registry.alias!r} not set", stacklevel=3)
         for entry in registered:
             if entry["name"] == name:
                 entry[registry.alias] = best
@@ -398,7 +412,6 @@ def register_fusions(tracker: Tracker, params, registrations: list[dict]) -> lis
     import dataclasses
     import json
     import tempfile
-    import warnings
 
     from .images import text_hash
     from .serving import (FUSION_CONFIG_NAME, FusionConfig, config_from_pipeline,
@@ -444,18 +457,7 @@ def register_fusions(tracker: Tracker, params, registrations: list[dict]) -> lis
         registered.append({"name": name, "version": version, "category": category,
                            "method": "segad_fusion"})
         metric_of[name] = fusion_metric(registry.metric, item["metrics"])
-    for name in sorted(metric_of):
-        best = None
-        if metric_of[name] is not None:
-            best = promote_best(tracker.client, name, registry.alias, metric_of[name],
-                                registry.greater_is_better)
-        if best is None:
-            warnings.warn(f"registry.metric {registry.metric!r} is in no version of {name!r}: "
-                          f"alias {registry.alias!r} not set", stacklevel=2)
-        for entry in registered:
-            if entry["name"] == name:
-                entry[registry.alias] = best
-    return registered
+    return _promote(tracker, registry, registered, metric_of)
 
 
 def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
