@@ -73,34 +73,33 @@ def preprocess(crop: np.ndarray, input_size: int, mean, std) -> np.ndarray:
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
-def iter_input_batches(patch_table: pd.DataFrame, paths: dict[str, str], input_size: int,
-                       mean, std, batch_size: int, denoise: dict | None = None
-                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(row positions, (B, 3, S, S) float32 inputs) in patch-table order."""
+def _batches(patch_table: pd.DataFrame, paths: dict[str, str], batch_size: int,
+             denoise: dict | None, transform) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(row positions, stacked ``transform(crop)``) per ``batch_size`` patches, in table order."""
     positions, batch = [], []
     for pos, crop in iter_patch_pixels(patch_table, paths, denoise):
         positions.append(pos)
-        batch.append(preprocess(crop, input_size, mean, std))
+        batch.append(transform(crop))
         if len(batch) == batch_size:
             yield np.asarray(positions), np.stack(batch)
             positions, batch = [], []
     if batch:
         yield np.asarray(positions), np.stack(batch)
+
+
+def iter_input_batches(patch_table: pd.DataFrame, paths: dict[str, str], input_size: int,
+                       mean, std, batch_size: int, denoise: dict | None = None
+                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(row positions, (B, 3, S, S) float32 inputs) in patch-table order."""
+    return _batches(patch_table, paths, batch_size, denoise,
+                    lambda crop: preprocess(crop, input_size, mean, std))
 
 
 def iter_pixel_batches(patch_table: pd.DataFrame, paths: dict[str, str], input_size: int,
                        batch_size: int, denoise: dict | None = None
                        ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(row positions, resized RGB uint8 (B, S, S, 3)) in patch-table order."""
-    positions, batch = [], []
-    for pos, crop in iter_patch_pixels(patch_table, paths, denoise):
-        positions.append(pos)
-        batch.append(resize(crop, input_size))
-        if len(batch) == batch_size:
-            yield np.asarray(positions), np.stack(batch)
-            positions, batch = [], []
-    if batch:
-        yield np.asarray(positions), np.stack(batch)
+    return _batches(patch_table, paths, batch_size, denoise, lambda crop: resize(crop, input_size))
 
 
 def normalize_batch(pixels: np.ndarray, mean, std, device: str) -> torch.Tensor:

@@ -42,6 +42,15 @@ CONFIG_VERSION = 1
 FEATURE_METHODS = frozenset({"patchcore", "padim", "ensemble"})
 
 
+def verdict_frame(names, scores, threshold: float, maps) -> pd.DataFrame:
+    """The scorers' result: image, score, threshold, verdict (``defective`` when
+    score > threshold, else ``good``) and anomaly_map, one row per image."""
+    verdicts = ["defective" if s > threshold else "good" for s in scores]
+    return pd.DataFrame({"image": list(names), "score": list(scores), "threshold": threshold,
+                         "verdict": verdicts, "anomaly_map": list(maps)},
+                        columns=["image", "score", "threshold", "verdict", "anomaly_map"])
+
+
 class _JsonSettings:
     """Save/load of a frozen settings dataclass as versioned JSON (tuples restored)."""
 
@@ -160,13 +169,9 @@ class ImageScorer:
         with tempfile.TemporaryDirectory(prefix="defectflow-score-") as tmp:
             paths, names = _image_files(images, Path(tmp))
             if not paths:
-                return pd.DataFrame(columns=["image", "score", "threshold", "verdict",
-                                             "anomaly_map"])
+                return verdict_frame([], [], self.config.threshold, [])
             scores, maps = self._score_files(paths, Path(tmp))
-        threshold = self.config.threshold
-        verdicts = ["defective" if s > threshold else "good" for s in scores]
-        return pd.DataFrame({"image": names, "score": scores, "threshold": threshold,
-                             "verdict": verdicts, "anomaly_map": maps})
+        return verdict_frame(names, scores, self.config.threshold, maps)
 
     def _score_files(self, paths: list[str], work: Path) -> tuple[np.ndarray, list[np.ndarray]]:
         manifest, patches, patch_scores, patch_maps = self.score_windows(paths, work)
@@ -443,8 +448,7 @@ class FusionScorer:
         with tempfile.TemporaryDirectory(prefix="defectflow-fuse-") as tmp:
             paths, names = _image_files(images, Path(tmp))
             if not paths:
-                return pd.DataFrame(columns=["image", "score", "threshold", "verdict",
-                                             "anomaly_map"])
+                return verdict_frame([], [], self.config.threshold, [])
             maps, manifest = [], None
             for method in self.config.detectors:
                 # One work folder: detectors with the same feature settings share the store.
@@ -459,7 +463,4 @@ class FusionScorer:
         sizes = manifest[["width", "height"]].to_numpy()
         image_maps = [cv2.resize(m, (int(w), int(h)), interpolation=cv2.INTER_LINEAR)
                       for m, (w, h) in zip(fused, sizes)]
-        threshold = self.config.threshold
-        verdicts = ["defective" if s > threshold else "good" for s in scores]
-        return pd.DataFrame({"image": names, "score": scores, "threshold": threshold,
-                             "verdict": verdicts, "anomaly_map": image_maps})
+        return verdict_frame(names, scores, self.config.threshold, image_maps)
