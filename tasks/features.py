@@ -186,7 +186,7 @@ def extract_features(patch_table: pd.DataFrame, manifest: pd.DataFrame, *, backb
                      batch_size: int = 8, device: str = "auto", progress: bool = True,
                      denoise: dict | None = None) -> FeatureStoreRef:
     """Feature maps of every patch, computed once per key and streamed to disk."""
-    from .backbones import load_backbone
+    from .backbones import fold_batchnorm, load_backbone
 
     layers = tuple(layers)
     content_hashes = dict(zip(manifest["image_id"], manifest["content_hash"]))
@@ -198,8 +198,10 @@ def extract_features(patch_table: pd.DataFrame, manifest: pd.DataFrame, *, backb
         return found
 
     device = resolve_device(device)
-    # channels_last runs the depthwise convolutions of EfficientNet ~1.7x faster on CPU.
-    model = load_backbone(backbone, layers, device=device).to(memory_format=torch.channels_last)
+    # channels_last runs the depthwise convolutions of EfficientNet ~1.7x faster on CPU;
+    # batch norms folded into the convolutions save one pass over every activation.
+    model = fold_batchnorm(load_backbone(backbone, layers, device=device))
+    model = model.to(memory_format=torch.channels_last)
     final = Path(cache_dir) / "features" / key
     partial = final.with_name(f"{key}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)

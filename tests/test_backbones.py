@@ -8,8 +8,12 @@ import torch
 import torch.nn.functional as F
 from skimage.data import chelsea
 
+from torch import nn
+
 from defectflow.tasks.backbones import (
+    Backbone,
     available_layers,
+    fold_batchnorm,
     load_backbone,
     load_classifier,
     torchvision_weights_path,
@@ -77,6 +81,42 @@ def test_backbone_matches_the_full_network():
         expected = classifier.blocks[:4](classifier.bn1(classifier.conv_stem(x)))
     features = load_backbone("efficientnet_lite0", "blocks.3")(x)
     torch.testing.assert_close(features["blocks.3"], expected)
+
+
+def test_folded_batchnorm_gives_the_same_features_with_fewer_norms():
+    backbone = load_backbone("efficientnet_lite0", ["blocks.2", "blocks.4"])
+    folded = fold_batchnorm(backbone)
+
+    def norms(model):
+        return sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+    assert norms(backbone) > 30 and norms(folded) == 0  # every conv+norm pair of Lite0
+    assert norms(load_backbone("efficientnet_lite0", "blocks.4")) == norms(backbone)  # a copy
+    x = torch.randn(2, 3, 96, 96)
+    expected, got = backbone(x), folded(x)
+    for layer in expected:
+        torch.testing.assert_close(got[layer], expected[layer], rtol=1e-4, atol=1e-4)
+
+
+def _norm_stage(with_conv: bool, mean: float = 0.5):
+    norm = nn.BatchNorm2d(4).eval()
+    norm.running_mean.fill_(mean)
+    norm.running_var.fill_(4.0)
+    norm.weight.data.fill_(2.0)
+    norm.bias.data.fill_(-1.0)
+    layers = [nn.Conv2d(3, 4, 3, padding=1), norm, nn.ReLU()] if with_conv else [
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), norm]
+    return Backbone("toy", [("stem", nn.Sequential(*layers))], ["stem"], (0, 0, 0), (1, 1, 1))
+
+
+def test_folding_leaves_a_norm_that_does_not_follow_a_convolution():
+    folded = fold_batchnorm(_norm_stage(with_conv=True))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    apart = _norm_stage(with_conv=False)  # conv, ReLU, norm: not one affine map
+    kept = fold_batchnorm(apart)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in kept.modules()) == 1
+    x = torch.randn(1, 3, 16, 16)
+    torch.testing.assert_close(kept(x)["stem"], apart(x)["stem"])
 
 
 def test_missing_torchvision_weights_name_the_file(empty_hub):
@@ -152,3 +192,12 @@ def test_positional_loading_rejects_a_different_order(tmp_path):
     swapped[0], swapped[-2] = swapped[-2], swapped[0]  # first conv weight <-> last conv weight
     with pytest.raises(DefectflowError, match="tensor #0 .* parameter order differs"):
         load_state_dict_by_position(model, OrderedDict(swapped), tmp_path / "w.pth")
+
+
+def test_folding_that_changes_the_features_is_not_used(monkeypatch):
+    import torch.nn.utils.fusion as fusion
+
+    original = _norm_stage(with_conv=True)
+    # A wrong fold (the norm dropped, not folded) must be caught by the probe check.
+    monkeypatch.setattr(fusion, "fuse_conv_bn_eval", lambda conv, norm: conv)
+    assert fold_batchnorm(original) is original
