@@ -31,7 +31,9 @@ from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from ..tasks import steps
+from ..tasks.methods import source_hash
 from ..tasks.params import PipelineParams, method_params
+from .runners import shares_cores
 from .steplog import StepLog
 
 CACHED = dict(cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
@@ -43,8 +45,11 @@ _FIT_LOCK = threading.Lock()
 
 
 def _train_one_at_a_time(*args, **kwargs):
-    with _FIT_LOCK:
-        return steps.train_step(*args, **kwargs)
+    with _FIT_LOCK:  # a fit waiting here does not count among the steps sharing the cores
+        return _shared_train(*args, **kwargs)
+
+
+_shared_train = shares_cores(steps.train_step)
 
 
 # train_step's signature and source (TASK_SOURCE): the same cache keys as train_step itself.
@@ -55,12 +60,13 @@ scan = task(steps.scan_step, name="scan", **CACHED)
 categorize = task(steps.categorize_step, name="categorize", **CACHED)
 plan_patches = task(steps.patches_step, name="patches", **CACHED)
 normalize = task(steps.normalization_step, name="normalization", **CACHED)
-extract_features = task(steps.features_step, name="features",
+# The torch-heavy steps share the cores with whichever of them run at the same moment.
+extract_features = task(shares_cores(steps.features_step), name="features",
                         cache_policy=(INPUTS - "progress") + TASK_SOURCE, persist_result=True)
 train = task(_train_one_at_a_time, name="train", **CACHED)
-score = task(steps.score_step, name="score", **CACHED)
+score = task(shares_cores(steps.score_step), name="score", **CACHED)
 evaluate = task(steps.evaluate_step, name="evaluate", **CACHED)
-fuse = task(steps.fusion_step, name="fusion", **CACHED)
+fuse = task(shares_cores(steps.fusion_step), name="fusion", **CACHED)
 make_plots = task(steps.plots_step, name="plots", **CACHED)
 
 
@@ -101,7 +107,7 @@ def pipeline(params: PipelineParams, verbose: bool = True) -> dict:
             where = f"[{category} / {method}]"
             model = log.submit(f"train {where}", train, store, patches, scanned.manifest,
                                category, method, resolved, p.features.input_size, stats, cache,
-                               p.features.device)
+                               p.features.device, method_source=source_hash(method))
             scores = log.submit(f"score {where}", score, model, store, patches, scanned.manifest,
                                 category, method, p.features.input_size, stats, cache,
                                 p.features.device)

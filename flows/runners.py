@@ -8,9 +8,11 @@ once, from the flow's process, after every step has finished.
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 
+from ..tasks import cores
 from ..tasks.errors import DefectflowError
 from ..tasks.params import ExecutionParams, PipelineParams
 
@@ -63,23 +65,33 @@ def _local_cluster(**kwargs):
 
 @contextmanager
 def torch_threads_for(execution: ExecutionParams):
-    """Share the CPU cores between concurrent thread-runner steps.
-
-    Every torch call uses all cores by default; two steps at once would then run twice as
-    many threads as cores, and OpenMP's busy waiting made oversubscribed runs many times
-    slower on 2 cores. Dask workers get one thread each from Dask itself.
-    """
-    if execution.task_runner != "thread" or execution.max_workers == 1:
+    """Share the CPU cores among the thread-runner steps that run at the same moment
+    (``tasks/cores.py``): a step running alone gets every core, two get half each.
+    Dask workers get one thread each from Dask itself."""
+    if execution.task_runner != "thread":
         yield
         return
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) // execution.max_workers)))
     try:
-        yield
+        with cores.shared(before):
+            yield
     finally:
         torch.set_num_threads(before)
+
+
+def shares_cores(fn):
+    """``fn`` (a torch-heavy step) counted among the running steps while it runs.
+
+    ``functools.wraps`` keeps ``fn``'s signature and source for Prefect's cache key.
+    """
+    @functools.wraps(fn)
+    def step(*args, **kwargs):
+        with cores.step():
+            return fn(*args, **kwargs)
+
+    return step
 
 
 def run_pipeline(params: PipelineParams, verbose: bool = True) -> dict:

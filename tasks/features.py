@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from . import cores
 from .images import text_hash
 from .patches import iter_patch_pixels
 
@@ -213,6 +214,7 @@ def extract_features(patch_table: pd.DataFrame, manifest: pd.DataFrame, *, backb
         # Decoding and resizing run in a background thread; normalization on the device.
         batches = iter_pixel_batches(patch_table, paths, input_size, batch_size, denoise)
         for positions, pixels in prefetch(batches):
+            cores.follow()  # the current share of the cores, when steps run side by side
             feats = model(normalize_batch(pixels, mean, std, device))
             for layer in layers:
                 fmap = feats[layer].to(torch.float16).cpu().numpy()

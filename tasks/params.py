@@ -120,7 +120,8 @@ class ExecutionParams(_Strict):
 
     thread: a thread pool in the flow's process, ``max_workers`` steps at a time. On a
     2-core machine 2 is enough: torch already uses every core inside one step, and the
-    flow splits torch's threads between the workers.
+    flow divides the cores among the torch-heavy steps running at each moment (a step
+    running alone gets all of them).
     dask: prefect-dask's DaskTaskRunner; ``dask_address`` of a running scheduler, or None
     for a LocalCluster of ``dask_n_workers`` x ``dask_threads_per_worker``.
     """

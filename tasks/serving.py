@@ -191,36 +191,23 @@ class ImageScorer:
         temporary feature store: scorers sharing one ``work`` folder and the same feature
         settings reuse one extraction (the store is content-addressed).
         """
-        from .features import extract_features
         from .patches import plan_patches
-        from .steps import SCORE_PIECE, Ref, _patch_set, _write_table
+        from .steps import new_images_batch, score_pieces
 
         cfg = self.config
         manifest = _manifest(paths, cfg.category)
         # The pipeline's own patch planning; new images carry no annotation file.
         patches = plan_patches(manifest, cfg.patch_size, cfg.patch_stride,
                                cfg.min_mean_intensity, use_annotations=False)
-        manifest_path = work / "manifest.parquet"
-        _write_table(manifest, manifest_path)
-        store = None
-        if cfg.method in FEATURE_METHODS:
-            # Same backbone, layers, size, normalization and denoising as training; the
-            # temporary store is the same float16 store the detector saw at test time.
-            store = extract_features(patches, manifest, backbone=cfg.backbone, layers=cfg.layers,
-                                     input_size=cfg.input_size, mean=cfg.mean, std=cfg.std,
-                                     cache_dir=work / "cache", batch_size=cfg.batch_size,
-                                     device=cfg.device, progress=False, denoise=cfg.denoise)
-        batch = _patch_set(store, patches, np.ones(len(patches), bool),
-                           Ref(str(manifest_path), "inbox"), cfg.input_size, cfg.stats,
-                           cfg.device)
-        patch_scores = np.zeros(len(batch), dtype=np.float32)
-        patch_maps = np.zeros((len(batch), cfg.input_size, cfg.input_size), dtype=np.float32)
-        for start in range(0, len(batch), SCORE_PIECE):
-            part = slice(start, min(start + SCORE_PIECE, len(batch)))
-            patch_scores[part], piece_maps = self.detector.score(batch.subset(part))
-            # float16 as the pipeline stores its maps, so both give the same values.
-            patch_maps[part] = piece_maps.astype(np.float16)
-        return manifest, patches, patch_scores, patch_maps
+        # Same backbone, layers, size, normalization and denoising as training; the
+        # temporary store is the same float16 store the detector saw at test time.
+        features = dict(backbone=cfg.backbone, layers=cfg.layers, input_size=cfg.input_size,
+                        batch_size=cfg.batch_size, device=cfg.device)
+        batch = new_images_batch(manifest, patches, features, cfg.stats, work / "cache",
+                                 with_features=cfg.method in FEATURE_METHODS)
+        patch_maps = np.zeros((len(batch), cfg.input_size, cfg.input_size), dtype=np.float16)
+        patch_scores = score_pieces(self.detector, batch, patch_maps)
+        return manifest, patches, patch_scores, patch_maps.astype(np.float32)
 
 
 def _image_files(images, work: Path) -> tuple[list[str], list[str]]:

@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import cores
 from .errors import DefectflowError
 from .features import FeatureStoreRef, extract_features, resolve_device
 from .images import read_image, read_mask, text_hash
-from .methods import METHODS, PatchSet
+from .methods import METHODS, PatchSet, source_hash
 from .normalization import normalization_stats
 from .patches import plan_patches
 
@@ -237,14 +238,18 @@ def labelled_defects(manifest: pd.DataFrame, category: str, count: int, seed: in
 # -- 5. train, 6. score ------------------------------------------------------------
 def train_step(store: FeatureStoreRef, patches: Ref, manifest: Ref, category: str,
                method: str, method_params: dict, input_size: int, stats: dict,
-               cache_dir: str, device: str = "auto") -> Ref:
+               cache_dir: str, device: str = "auto", method_source: str | None = None) -> Ref:
     """Fit one detector on the category's training patches and save it.
 
     A method that needs labelled defects also gets the patches of a few
     defective test images (listed in ``train_defects.json`` beside the model).
+    The key includes ``method_source``, the hash of the method's code
+    (``methods.source_hash``, computed when not given; the flow passes it so
+    that Prefect's input-keyed cache sees it too): changed code retrains.
     """
+    method_source = method_source or source_hash(method)
     key = text_hash("train", STEP_VERSION, store.key, category, method,
-                    json.dumps(method_params, sort_keys=True))
+                    json.dumps(method_params, sort_keys=True), method_source)
     final = _out(cache_dir, "models", key)
     if not final.exists():
         rows = _category_rows(patches, category)
@@ -292,21 +297,48 @@ def _score_into(detector, batch: PatchSet, final: Path) -> None:
     partial = final.with_name(final.name + f".partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
-    # Scored in pieces and streamed to disk: memory stays bounded for any number of patches.
+    # Streamed to disk: memory stays bounded for any number of patches.
     size = batch.input_size
     maps = np.lib.format.open_memmap(partial / "anomaly_maps.npy", mode="w+",
                                      dtype=np.float16, shape=(len(batch), size, size))
-    scores = np.zeros(len(batch), dtype=np.float32)
-    for start in range(0, len(batch), SCORE_PIECE):
-        part = slice(start, min(start + SCORE_PIECE, len(batch)))
-        scores[part], piece_maps = detector.score(batch.subset(part))
-        maps[part] = piece_maps.astype(np.float16)
+    scores = score_pieces(detector, batch, maps)
     maps.flush()
     del maps
     table = batch.table.copy()
     table["score"] = scores
     table.to_parquet(partial / "scores.parquet", index=False)
     _finish_folder(partial, final)
+
+
+def score_pieces(detector, batch: PatchSet, maps: np.ndarray) -> np.ndarray:
+    """Patch scores of ``batch``, its anomaly maps written into ``maps`` (float16, as the
+    pipeline stores them), ``SCORE_PIECE`` patches per call: memory stays bounded."""
+    scores = np.zeros(len(batch), dtype=np.float32)
+    for start in range(0, len(batch), SCORE_PIECE):
+        cores.follow()  # the current share of the cores, when steps run side by side
+        part = slice(start, min(start + SCORE_PIECE, len(batch)))
+        scores[part], piece_maps = detector.score(batch.subset(part))
+        maps[part] = piece_maps.astype(np.float16)
+    return scores
+
+
+def new_images_batch(manifest: pd.DataFrame, patches: pd.DataFrame, features: dict,
+                     stats: dict, cache_dir: str | Path, with_features: bool = True) -> PatchSet:
+    """Every patch of images from outside the scanned dataset (synthetic defects, an inbox)
+    as a detector's input, prepared exactly as the dataset's own: the same backbone, layers,
+    input size, normalization and denoising, into a content-addressed feature store under
+    ``cache_dir`` (skipped for methods that read pixels only: ``with_features=False``)."""
+    store = None
+    if with_features:
+        store = extract_features(patches, manifest, backbone=features["backbone"],
+                                 layers=features["layers"], input_size=features["input_size"],
+                                 mean=stats["mean"], std=stats["std"], cache_dir=cache_dir,
+                                 batch_size=features["batch_size"], device=features["device"],
+                                 progress=False, denoise=stats.get("denoise"))
+    return PatchSet(patches.reset_index(drop=True), store, np.arange(len(patches)),
+                    dict(zip(manifest["image_id"], manifest["path"])),
+                    int(features["input_size"]), tuple(stats["mean"]), tuple(stats["std"]),
+                    device=resolve_device(features["device"]), denoise=stats.get("denoise"))
 
 
 # -- 7. evaluate ----------------------------------------------------------------------
@@ -777,18 +809,10 @@ def synthetic_scores_step(model: Ref, method: str, synthetic: Ref, category: str
     detector loaded from its saved model and ``_score_into``. Cached under ``scores/``."""
     table = pd.read_parquet(Path(synthetic.path) / "manifest.parquet")
     rows = plan_patches(table, None, None, use_annotations=False)
-    store = extract_features(rows, table, backbone=features["backbone"],
-                             layers=features["layers"], input_size=features["input_size"],
-                             mean=stats["mean"], std=stats["std"], cache_dir=cache_dir,
-                             batch_size=features["batch_size"], device=features["device"],
-                             progress=False, denoise=stats.get("denoise"))
-    key = text_hash("score-synthetic", STEP_VERSION, model.key, store.key, category)
+    batch = new_images_batch(table, rows, features, stats, cache_dir)
+    key = text_hash("score-synthetic", STEP_VERSION, model.key, batch.store.key, category)
     final = _out(cache_dir, "scores", key)
     if not final.exists():
-        paths = dict(zip(table["image_id"], table["path"]))
-        batch = PatchSet(rows, store, np.arange(len(rows)), paths, int(features["input_size"]),
-                         tuple(stats["mean"]), tuple(stats["std"]),
-                         device=resolve_device(features["device"]), denoise=stats.get("denoise"))
         _score_into(METHODS[method].load(model.path), batch, final)
     return Ref(str(final), key)
 

@@ -47,6 +47,18 @@ def scored(tmp_path_factory):
                 store=store, models=models, scores=scores, features=features)
 
 
+def test_changed_method_code_retrains_and_unchanged_code_reuses_the_model(scored):
+    s = scored
+    args = (s["store"], s["patches"], s["manifest"], "product", "padim",
+            METHODS["padim"], 64, s["stats"], s["cache"], "cpu")
+    from defectflow.tasks.methods import source_hash
+
+    assert steps.train_step(*args, method_source=source_hash("padim")) == s["models"]["padim"]
+    retrained = steps.train_step(*args, method_source="edited padim")
+    assert retrained.key != s["models"]["padim"].key
+    assert (Path(retrained.path) / "train_defects.json").is_file()
+
+
 def fusion_params(**changes) -> dict:
     return FusionParams(segments=4, seeds=2, n_defective=4, **changes).model_dump(mode="json")
 

@@ -119,3 +119,69 @@ def test_steps_run_concurrently_in_declared_order_and_recompute_deleted_results(
     (tmp_path / "a.txt").unlink()
     (_, _, text, _), rows = steps_flow(str(tmp_path))
     assert rows[0]["status"] == "ran" and text == "a.txt!" and (tmp_path / "a.txt").exists()
+
+
+@pytest.fixture
+def four_torch_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_cores_are_divided_among_the_steps_running_at_that_moment(four_torch_threads):
+    import torch
+
+    from defectflow.flows.runners import shares_cores, torch_threads_for
+    from defectflow.tasks import cores
+    from defectflow.tasks.params import ExecutionParams
+
+    seen: dict[str, list[int]] = {"first": [], "second": []}
+    first_started, second_started = threading.Event(), threading.Event()
+    first_followed, second_done = threading.Event(), threading.Event()
+
+    @shares_cores
+    def alone():
+        return torch.get_num_threads()
+
+    @shares_cores
+    def first():
+        seen["first"].append(torch.get_num_threads())  # alone so far: every core
+        first_started.set()
+        second_started.wait(30)
+        cores.follow()  # a batch loop takes up the new share
+        seen["first"].append(torch.get_num_threads())
+        first_followed.set()
+        second_done.wait(30)
+        cores.follow()  # alone again
+        seen["first"].append(torch.get_num_threads())
+
+    @shares_cores
+    def second():
+        seen["second"].append(torch.get_num_threads())
+        second_started.set()  # inside the step: it counts among the running ones
+        first_followed.wait(30)
+
+    def second_when_first_runs():
+        first_started.wait(30)
+        try:
+            second()
+        finally:
+            second_done.set()
+
+    assert alone.__wrapped__.__name__ == "alone"  # Prefect's cache key sees the step itself
+    with torch_threads_for(ExecutionParams(task_runner="thread", max_workers=2)):
+        assert alone() == 4  # a step on its own gets every core
+        workers = [threading.Thread(target=first), threading.Thread(target=second_when_first_runs)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    assert seen == {"first": [4, 2, 4], "second": [2]}
+    # Outside a flow (a Dask worker, a direct call) a step leaves torch's threads alone.
+    torch.set_num_threads(3)
+    assert alone() == 3
+    with torch_threads_for(ExecutionParams(task_runner="dask")):
+        assert alone() == 3

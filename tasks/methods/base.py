@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
+from .. import cores
 from ..features import FeatureStoreRef, iter_input_batches
 
 
@@ -61,6 +62,7 @@ class PatchSet:
             raise ValueError("this PatchSet has no feature store")
         arrays = {layer: self.store.maps(layer) for layer in layers}
         for start in range(0, len(self.positions), chunk_size):
+            cores.follow()  # the current share of the cores, when steps run side by side
             part = slice(start, min(start + chunk_size, len(self.positions)))
             rows = np.sort(self.positions[part])
             order = np.argsort(np.argsort(self.positions[part]))
@@ -69,8 +71,10 @@ class PatchSet:
 
     def input_batches(self, batch_size: int = 32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(positions in this set, normalized float32 (B, 3, S, S) inputs)."""
-        yield from iter_input_batches(self.table, self.paths, self.input_size, self.mean,
-                                      self.std, batch_size, self.denoise)
+        for batch in iter_input_batches(self.table, self.paths, self.input_size, self.mean,
+                                        self.std, batch_size, self.denoise):
+            cores.follow()
+            yield batch
 
     def pixel_crops(self) -> Iterator[tuple[int, np.ndarray]]:
         """(position in this set, RGB uint8 crop before resizing and normalization), for
