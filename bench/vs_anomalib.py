@@ -107,6 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"{QUICK_TRAIN} train and {QUICK_TEST_PER_TYPE} test images per "
                              f"defect type at {QUICK_SIZE} px: a short check, not the figure")
     parser.add_argument("--skip-anomalib", action="store_true", help="run our side only")
+    parser.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
+                        help="another methods.patchcore parameter for our side, e.g. "
+                             "coreset_oversample=1 (repeatable; the default is our defaults)")
     parser.add_argument("--floor-images", type=int, default=1000,
                         help="train images decoded in memory for the bare-backbone floor "
                              "(all of them up to this many; 3 MB each at 256 px)")
@@ -220,7 +223,7 @@ def run_ours(args, data: Path, work: Path) -> dict:
     floor = mean_floor(floor_before, bare_backbone(args, inputs))
     del inputs
     params = PatchCoreParams(layers=tuple(args.layers), coreset_ratio=args.coreset_ratio,
-                             num_neighbors=args.neighbours)
+                             num_neighbors=args.neighbours, **ours_overrides(args.ours))
     detector = PatchCore(params).fit(train)
     test, test_extract_s = patch_set("test")
     started = time.perf_counter()
@@ -239,6 +242,20 @@ def run_ours(args, data: Path, work: Path) -> dict:
     }
 
 
+def ours_overrides(items: list[str]) -> dict:
+    """``--ours KEY=VALUE`` items as PatchCore parameters (values read as YAML scalars)."""
+    import yaml
+
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in PatchCoreParams.__dataclass_fields__:
+            raise SystemExit(f"error: --ours {item!r}: expected KEY=VALUE with KEY one of "
+                             f"{sorted(PatchCoreParams.__dataclass_fields__)}")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
 def run_anomalib(args, data: Path, work: Path) -> dict:
     out = work / "anomalib"
     command = [args.anomalib_python, str(REPO / "bench" / "_anomalib_side.py"),
@@ -247,15 +264,13 @@ def run_anomalib(args, data: Path, work: Path) -> dict:
                "--neighbours", str(args.neighbours), "--batch-size", str(args.batch_size),
                "--workers", str(args.workers), "--device", args.device,
                "--threads", str(args.threads)]
+    started = time.perf_counter()
     try:
         completed = subprocess.run(command, capture_output=True, text=True)
     except OSError as error:
         raise SystemExit(f"error: --anomalib-python {args.anomalib_python}: {error}") from None
     if completed.returncode != 0:
-        tail = "\n".join(completed.stderr.strip().splitlines()[-15:])
-        hint = ("\nanomalib is not installed there: see README 'Performance'"
-                if "No module named 'anomalib'" in completed.stderr else "")
-        raise SystemExit(f"anomalib side failed ({args.anomalib_python}):\n{tail}{hint}")
+        return {"failed": anomalib_failure(completed, time.perf_counter() - started, args)}
     result = json.loads((out / "result.json").read_text())
     result["maps"] = np.load(out / "maps.npy").astype(np.float32)
     timings = result["timings"]
@@ -264,6 +279,25 @@ def run_anomalib(args, data: Path, work: Path) -> dict:
                          "scoring": timings["predict"],
                          "backbone_train_forward": timings["backbone_train"]}
     return result
+
+
+def anomalib_failure(completed: subprocess.CompletedProcess, seconds: float, args) -> str:
+    """What went wrong on anomalib's side, with how far its coreset selection got."""
+    lines = completed.stderr.strip().splitlines()  # tqdm's \r updates become lines
+    if completed.returncode in (-9, 137):
+        what = "killed by SIGKILL (out of memory, when the kernel log says so)"
+    else:
+        what = f"exit status {completed.returncode}"
+    text = f"anomalib side failed after {seconds / 60:.1f} min ({args.anomalib_python}): {what}"
+    progress = [line for line in lines if "Selecting Coreset" in line]
+    if progress:
+        text += f"\n  last coreset progress: {progress[-1].strip()}"
+    tail = [line for line in lines if "Selecting Coreset" not in line][-15:]
+    if tail:
+        text += "\n  " + "\n  ".join(tail)
+    if "No module named 'anomalib'" in completed.stderr:
+        text += "\nanomalib is not installed there: see README 'Performance'"
+    return text
 
 
 def metrics(side: dict, data: Path, size: int) -> dict:
@@ -335,9 +369,15 @@ def run(args: argparse.Namespace) -> None:
         ours = run_ours(args, data, work)
         ours.update(metrics(ours, data, args.input_size))
         print(f"defectflow done: fit {ours['timings']['fit']:.1f}s", flush=True)
-        theirs = None
+        theirs, failure = None, None
         if not args.skip_anomalib:
             theirs = run_anomalib(args, data, work)
+        if theirs is not None and "failed" in theirs:
+            # Our side's figures are kept: printed and written below, with the failure.
+            failure = theirs["failed"]
+            print(failure, flush=True)
+            theirs = None
+        elif theirs is not None:
             diff = theirs["feature_max_abs_diff"]
             # Same weights in both extractors, or the comparison means nothing.
             assert max(diff.values()) < 1e-4, f"feature maps differ: {diff}"
@@ -349,12 +389,15 @@ def run(args: argparse.Namespace) -> None:
           f"{ours['memory_bank'][0]} (ours) vs "
           f"{theirs['memory_bank'][0] if theirs else '-'} (anomalib) vectors\n")
     print(table(ours, theirs))
+    if failure:
+        print(f"\nno anomalib figures: {failure}")
     if args.json:
         keep = {k: v for k, v in ours.items() if k not in ("maps", "paths", "scores")}
         other = {k: v for k, v in (theirs or {}).items() if k not in ("maps", "paths", "scores")}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                         "defectflow": keep, "anomalib": other}, indent=1))
+                                         "defectflow": keep, "anomalib": other,
+                                         "anomalib_failure": failure}, indent=1))
 
 
 if __name__ == "__main__":

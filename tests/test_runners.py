@@ -14,6 +14,19 @@ from conftest import make_folder_dataset
 from defectflow.cli import main
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread, as in each Dask worker: float sums in the same order on both
+    runners (a lone thread-runner step otherwise gets every core, and PaDiM's thresholds
+    then differ in the 6th significant digit)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def write_params(tmp: Path, data: Path, runner: str) -> Path:
     params = {
         "dataset": {"layout": "folder", "path": str(data), "name": "generated"},
@@ -46,7 +59,7 @@ def child_metrics(tmp: Path, experiment: str) -> tuple[dict, dict]:
     return children, parent.data.metrics
 
 
-def test_dask_runner_gives_the_same_metrics_as_the_thread_runner(tmp_path):
+def test_dask_runner_gives_the_same_metrics_as_the_thread_runner(tmp_path, one_torch_thread):
     pytest.importorskip("prefect_dask", reason="the dask extra (prefect-dask) is not installed")
     data = make_folder_dataset(tmp_path / "product", n_good=20, n_bad=6)
     metrics = {}
