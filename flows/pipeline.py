@@ -44,12 +44,12 @@ CACHED = dict(cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
 _FIT_LOCK = threading.Lock()
 
 
+_shared_train = shares_cores(steps.train_step)
+
+
 def _train_one_at_a_time(*args, **kwargs):
     with _FIT_LOCK:  # a fit waiting here does not count among the steps sharing the cores
         return _shared_train(*args, **kwargs)
-
-
-_shared_train = shares_cores(steps.train_step)
 
 
 # train_step's signature and source (TASK_SOURCE): the same cache keys as train_step itself.

@@ -10,8 +10,8 @@ running alone gets every core.
 
 torch's thread count is a per-thread setting once a thread sets it, so one
 step cannot change another's: long loops (feature extraction batches,
-scoring pieces, coreset chunks) call :func:`follow` to take up the current
-share. Outside :func:`shared` every function here does nothing.
+``PatchSet`` feature chunks and input batches, scoring pieces) call
+:func:`follow` to take up the current share. Outside :func:`shared` every function here does nothing.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ things: the fitted detector (saved through ``Detector.save``) and
 size) plus the decision threshold chosen on held-out good images.
 :class:`ImageScorer` loads that folder and scores images through the
 pipeline's own code: ``patches.plan_patches`` for the windows,
-``features.extract_features`` for the backbone features (into a temporary
-store), ``steps._patch_set`` for the detector's input and ``Detector.score``.
+``steps.new_images_batch`` for the detector's input (backbone features into a
+temporary store) and ``steps.score_pieces`` for ``Detector.score``.
 An image's score is the maximum over its patches, as in ``steps.image_scores``.
 
 A registered SegAD fusion (``tracking.register_fusions``) is a folder with each fused

@@ -214,11 +214,13 @@ def features_step(patches: Ref, manifest: Ref, category: str, features: dict, st
 
 
 def _patch_set(store: FeatureStoreRef | None, rows: pd.DataFrame, selected: np.ndarray,
-               manifest: Ref, input_size: int, stats: dict, device: str = "cpu") -> PatchSet:
-    """The rows of ``rows`` where ``selected`` is True, as a detector's input."""
+               paths: dict[str, str], input_size: int, stats: dict,
+               device: str = "cpu") -> PatchSet:
+    """The rows of ``rows`` where ``selected`` is True, as a detector's input (``paths``:
+    image id -> file; ``stats``: normalization mean, std and denoising)."""
     positions = np.flatnonzero(selected)
     return PatchSet(rows.iloc[positions].reset_index(drop=True), store, positions,
-                    _paths(manifest), input_size, tuple(stats["mean"]), tuple(stats["std"]),
+                    paths, input_size, tuple(stats["mean"]), tuple(stats["std"]),
                     device=resolve_device(device), denoise=stats.get("denoise"))
 
 
@@ -262,7 +264,7 @@ def train_step(store: FeatureStoreRef, patches: Ref, manifest: Ref, category: st
                                        method_params.get("n_defective", 0),
                                        method_params.get("seed", 0))
             selected = selected | rows["image_id"].isin(defects).to_numpy()
-        train = _patch_set(store, rows, selected, manifest, input_size, stats, device)
+        train = _patch_set(store, rows, selected, _paths(manifest), input_size, stats, device)
         if not (train.table["split"] == "train").any():
             raise DefectflowError(f"category {category!r} has no training images")
         detector.fit(train)
@@ -286,7 +288,7 @@ def score_step(model: Ref, store: FeatureStoreRef, patches: Ref, manifest: Ref,
         trained_on = json.loads((Path(model.path) / "train_defects.json").read_text())
         selected = (rows["split"].isin(["val", "test"])
                     & ~rows["image_id"].isin(trained_on)).to_numpy()
-        batch = _patch_set(store, rows, selected, manifest, input_size, stats, device)
+        batch = _patch_set(store, rows, selected, _paths(manifest), input_size, stats, device)
         _score_into(METHODS[method].load(model.path), batch, final)
     return Ref(str(final), key)
 
@@ -335,10 +337,9 @@ def new_images_batch(manifest: pd.DataFrame, patches: pd.DataFrame, features: di
                                  mean=stats["mean"], std=stats["std"], cache_dir=cache_dir,
                                  batch_size=features["batch_size"], device=features["device"],
                                  progress=False, denoise=stats.get("denoise"))
-    return PatchSet(patches.reset_index(drop=True), store, np.arange(len(patches)),
-                    dict(zip(manifest["image_id"], manifest["path"])),
-                    int(features["input_size"]), tuple(stats["mean"]), tuple(stats["std"]),
-                    device=resolve_device(features["device"]), denoise=stats.get("denoise"))
+    return _patch_set(store, patches, np.ones(len(patches), bool),
+                      dict(zip(manifest["image_id"], manifest["path"])),
+                      int(features["input_size"]), stats, features["device"])
 
 
 # -- 7. evaluate ----------------------------------------------------------------------

@@ -18,7 +18,6 @@ METHODS: dict[str, type[Detector]] = {
 }
 
 
-
 def source_hash(method: str) -> str:
     """SHA-256 of the source of ``method``'s module and of every project module it
     imports, directly or through others (relative imports, also those inside functions).
