@@ -12,7 +12,7 @@ any Prefect worker thread.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -323,6 +323,22 @@ def _version_with_tag(client: MlflowClient, name: str, key: str, value: str) -> 
     return str(max(int(v.version) for v in found)) if found else None
 
 
+def _register_once(tracker: Tracker, run_id: str, name: str, tags: dict,
+                   write_folder: Callable[[Path], Path], fusion: bool = False) -> str:
+    """The version of ``name`` tagged with ``tags["model_key"]``; when there is none, the
+    model folder ``write_folder(folder)`` writes is registered from run ``run_id`` with
+    ``tags``. Either way the run is tagged with the model's name and version."""
+    import tempfile
+
+    version = _version_with_tag(tracker.client, name, "model_key", tags["model_key"])
+    if version is None:
+        with tempfile.TemporaryDirectory(prefix="defectflow-model-") as tmp:
+            folder = write_folder(Path(tmp) / "model")
+            version = register_detector(tracker, run_id, name, folder, tags, fusion=fusion)
+    tracker.set_tags(run_id, {"registered_model": name, "registered_version": version})
+    return version
+
+
 def register_detectors(tracker: Tracker, params, registrations: list[dict]) -> list[dict]:
     """Register each (category, method) detector of a pipeline run and promote the best
     version of each registered model to ``params.registry.alias``.
@@ -332,7 +348,6 @@ def register_detectors(tracker: Tracker, params, registrations: list[dict]) -> l
     """
     import dataclasses
     import json
-    import tempfile
 
     from .images import text_hash
     from .serving import config_from_pipeline, overlay_scale, write_model_folder
@@ -352,18 +367,13 @@ def register_detectors(tracker: Tracker, params, registrations: list[dict]) -> l
         # finds its version instead of registering the same model again.
         model_key = text_hash(result["model"].key,
                               json.dumps(dataclasses.asdict(config), sort_keys=True))
-        version = _version_with_tag(tracker.client, name, "model_key", model_key)
-        if version is None:
-            with tempfile.TemporaryDirectory(prefix="defectflow-model-") as tmp:
-                folder = write_model_folder(Path(tmp) / "model", result["model"].path, config)
-                tags = {"dataset": params.dataset_name, "category": result["category"],
-                        "method": result["method"], "backbone": params.features.backbone,
-                        "threshold": threshold, "model_key": model_key,
-                        **{f"metric.{k}": v for k, v in metrics.items()
-                           if isinstance(v, (int, float))}}
-                version = register_detector(tracker, item["run_id"], name, folder, tags)
-        tracker.set_tags(item["run_id"], {"registered_model": name,
-                                          "registered_version": version})
+        tags = {"dataset": params.dataset_name, "category": result["category"],
+                "method": result["method"], "backbone": params.features.backbone,
+                "threshold": threshold, "model_key": model_key,
+                **{f"metric.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}}
+        version = _register_once(
+            tracker, item["run_id"], name, tags,
+            lambda folder, r=result, c=config: write_model_folder(folder, r["model"].path, c))
         registered.append({"name": name, "version": version, "category": result["category"],
                            "method": result["method"]})
     return _promote(tracker, registry, registered,
@@ -411,7 +421,6 @@ def register_fusions(tracker: Tracker, params, registrations: list[dict]) -> lis
     """
     import dataclasses
     import json
-    import tempfile
 
     from .images import text_hash
     from .serving import (FUSION_CONFIG_NAME, FusionConfig, config_from_pipeline,
@@ -438,22 +447,18 @@ def register_fusions(tracker: Tracker, params, registrations: list[dict]) -> lis
         # from cache finds its version instead of registering the same model again.
         model_key = text_hash(ref.key, *(json.dumps(dataclasses.asdict(packed[m][1]),
                                                     sort_keys=True) for m in config.detectors))
-        version = _version_with_tag(tracker.client, name, "model_key", model_key)
-        if version is None:
-            with tempfile.TemporaryDirectory(prefix="defectflow-model-") as tmp:
-                folder = write_fusion_model_folder(Path(tmp) / "model", ref.path, packed)
-                tags = {"dataset": params.dataset_name, "category": category,
-                        "method": "segad_fusion", "backbone": params.features.backbone,
-                        "detectors": ",".join(config.detectors),
-                        "fusion_mode": item["metrics"].get("mode", "supervised"),
-                        "threshold": config.threshold, "threshold_rule": config.threshold_rule,
-                        "train_seed": config.train_seed, "model_key": model_key,
-                        **{f"metric.{k}": v for k, v in item["metrics"].items()
-                           if isinstance(v, (int, float)) and v == v}}
-                version = register_detector(tracker, item["run_id"], name, folder, tags,
-                                            fusion=True)
-        tracker.set_tags(item["run_id"], {"registered_model": name,
-                                          "registered_version": version})
+        tags = {"dataset": params.dataset_name, "category": category,
+                "method": "segad_fusion", "backbone": params.features.backbone,
+                "detectors": ",".join(config.detectors),
+                "fusion_mode": item["metrics"].get("mode", "supervised"),
+                "threshold": config.threshold, "threshold_rule": config.threshold_rule,
+                "train_seed": config.train_seed, "model_key": model_key,
+                **{f"metric.{k}": v for k, v in item["metrics"].items()
+                   if isinstance(v, (int, float)) and v == v}}
+        version = _register_once(
+            tracker, item["run_id"], name, tags,
+            lambda folder, r=ref, p=packed: write_fusion_model_folder(folder, r.path, p),
+            fusion=True)
         registered.append({"name": name, "version": version, "category": category,
                            "method": "segad_fusion"})
         metric_of[name] = fusion_metric(registry.metric, item["metrics"])

@@ -33,6 +33,9 @@ class PatchCoreParams:
     # Chunks keep oversample x ratio, then one greedy pass over all kept picks ratio x N (when
     # oversample x ratio <= 0.1): close to a whole-bank greedy at small ratios. 1: per chunk only.
     coreset_oversample: int = 4
+    # Second stage: candidates reduced together. Bigger is closer to a whole-bank greedy; each
+    # reduction costs pool^2 / oversample distance evaluations, so time stays linear in N.
+    coreset_pool: int = 65536
     num_neighbors: int = 9             # b in the paper's image-score reweighting
     # 3x3 average at the map border: "zero_padded" counts the zero padding, as the reference
     # code and anomalib do; "valid" averages only the cells inside the map. zero_padded measured
@@ -49,9 +52,9 @@ class PatchCoreParams:
         if not 0 < self.coreset_ratio <= 1:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
         if (self.num_neighbors < 1 or self.projection_dim < 1 or self.coreset_chunk < 2
-                or self.coreset_oversample < 1):
-            raise ValueError("num_neighbors, projection_dim, coreset_chunk and coreset_oversample "
-                             "must be positive")
+                or self.coreset_oversample < 1 or self.coreset_pool < 2):
+            raise ValueError("num_neighbors, projection_dim, coreset_chunk, coreset_oversample "
+                             "and coreset_pool must be positive")
         if self.search not in ("exact", "hnsw"):
             raise ValueError(f"search must be 'exact' or 'hnsw', got {self.search!r}")
         if self.border_pooling not in ("zero_padded", "valid"):
@@ -98,7 +101,8 @@ class PatchCore(Detector):
         started = time.perf_counter()
         coreset = StreamingCoreset(self.params.coreset_ratio, self.params.projection_dim,
                                    self.params.coreset_chunk, self.params.seed, device=train.device,
-                                   oversample=self.params.coreset_oversample)
+                                   oversample=self.params.coreset_oversample,
+                                   pool=self.params.coreset_pool)
         for _, maps in train.feature_chunks(self.params.layers, chunk_size=64):
             feats = embed(maps, self.params.layers, self.params.border_pooling)
             coreset.add(feats.reshape(-1, feats.shape[-1]).numpy())
