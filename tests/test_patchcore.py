@@ -193,51 +193,32 @@ def test_border_pooling_changes_only_the_border_and_is_validated():
         PatchCoreParams(border_pooling="reflect")
 
 
-def test_two_stage_coreset_covers_clusters_that_per_chunk_selection_misses():
+def _clusters_covered(**coreset_args) -> int:
+    """Clusters a 25-row coreset of two 1,000-row chunks reaches: the first chunk is one
+    tight cluster, the second holds 24 (ratio 0.0125, chunks of 1,000)."""
     from defectflow.tasks.coreset import StreamingCoreset
 
     rng = np.random.default_rng(5)
     centers = rng.normal(0, 50, size=(25, 16))
-    # First chunk: one tight cluster; second chunk: 24 clusters. 25 rows are kept in all.
     first = centers[0] + rng.normal(0, 0.1, size=(1000, 16))
     second = centers[1 + np.arange(1000) % 24] + rng.normal(0, 0.1, size=(1000, 16))
-    points = np.concatenate([first, second]).astype(np.float32)
+    coreset = StreamingCoreset(0.0125, projection_dim=16, chunk_size=1000, **coreset_args)
+    coreset.add(np.concatenate([first, second]).astype(np.float32))
+    bank = coreset.finish()
+    assert abs(len(bank) - 25) <= 1 and coreset.seen == 2000  # per-chunk rounding
+    return len(set(np.linalg.norm(bank[:, None] - centers[None], axis=2).argmin(axis=1)))
 
-    def clusters_covered(oversample):
-        coreset = StreamingCoreset(0.0125, projection_dim=16, chunk_size=1000,
-                                   oversample=oversample)
-        coreset.add(points)
-        bank = coreset.finish()
-        assert abs(len(bank) - 25) <= 1 and coreset.seen == 2000  # per-chunk rounding
-        nearest = np.linalg.norm(bank[:, None] - centers[None], axis=2).argmin(axis=1)
-        return len(set(nearest))
 
+def test_two_stage_coreset_covers_clusters_that_per_chunk_selection_misses():
     # Per chunk, 12-13 rows go to the single cluster of the first chunk.
-    assert clusters_covered(oversample=1) < 20
+    assert _clusters_covered(oversample=1) < 20
     # The final pass over both chunks' candidates spends them where the clusters are.
-    assert clusters_covered(oversample=4) == 25
+    assert _clusters_covered(oversample=4) == 25
 
 
 def test_second_stage_pool_reduces_the_candidates_of_several_chunks_together():
-    from defectflow.tasks.coreset import StreamingCoreset
-
-    rng = np.random.default_rng(5)
-    centers = rng.normal(0, 50, size=(25, 16))
-    first = centers[0] + rng.normal(0, 0.1, size=(1000, 16))
-    second = centers[1 + np.arange(1000) % 24] + rng.normal(0, 0.1, size=(1000, 16))
-    points = np.concatenate([first, second]).astype(np.float32)
-
-    def clusters_covered(pool):
-        coreset = StreamingCoreset(0.0125, projection_dim=16, chunk_size=1000, oversample=4,
-                                   pool=pool)
-        coreset.add(points)
-        bank = coreset.finish()
-        assert abs(len(bank) - 25) <= 1
-        nearest = np.linalg.norm(bank[:, None] - centers[None], axis=2).argmin(axis=1)
-        return len(set(nearest))
-
     # Each chunk keeps 50 candidates. A pool of 50 reduces each chunk's alone: the single
     # cluster of the first chunk takes half the bank, as in per-chunk selection.
-    assert clusters_covered(pool=50) < 20
+    assert _clusters_covered(oversample=4, pool=50) < 20
     # A pool of 100 reduces both chunks' candidates at once.
-    assert clusters_covered(pool=100) == 25
+    assert _clusters_covered(oversample=4, pool=100) == 25
