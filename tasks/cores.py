@@ -11,7 +11,8 @@ running alone gets every core.
 torch's thread count is a per-thread setting once a thread sets it, so one
 step cannot change another's: long loops (feature extraction batches,
 ``PatchSet`` feature chunks and input batches, scoring pieces) call
-:func:`follow` to take up the current share. Outside :func:`shared` every function here does nothing.
+:func:`follow` to take up the current share. Outside :func:`shared` every
+function here does nothing.
 """
 
 from __future__ import annotations

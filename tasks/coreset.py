@@ -78,10 +78,12 @@ class StreamingCoreset:
       (780,000 vectors, 31,000 candidates) a pool of ``chunk_size`` reduced two
       pools each alone and lost 0.9 points; a pool of 4 chunks (all candidates
       at once) scored 0.914 against the whole-bank greedy's 0.906.
-    - Cost: both stages make about ``oversample * chunk_size * ratio`` distance
-      evaluations per vector, so time stays linear in N and the candidates held
-      are bounded by one pool. (A first version reduced all candidates at the
-      end: its time grew as N^1.55 on banks below a few million vectors.) The
+    - Cost: per vector, the first stage makes about ``oversample * chunk_size *
+      ratio`` distance evaluations and the second about ``pool * ratio``, once
+      the candidates fill a pool: time is linear in N from there on (below one
+      pool, the final reduction grows with the square of the candidates), and
+      the candidates held are bounded by one pool. (A first version reduced all
+      candidates at the end, whatever their number.) The
       two stages are used only while ``oversample * ratio`` stays small (ratio
       0.1, where per-chunk selection kept its AUROC, reduces each chunk by
       ``ratio`` directly).

@@ -373,7 +373,7 @@ def register_detectors(tracker: Tracker, params, registrations: list[dict]) -> l
                 **{f"metric.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}}
         version = _register_once(
             tracker, item["run_id"], name, tags,
-            lambda folder, r=result, c=config: write_model_folder(folder, r["model"].path, c))
+            lambda folder: write_model_folder(folder, result["model"].path, config))
         registered.append({"name": name, "version": version, "category": result["category"],
                            "method": result["method"]})
     return _promote(tracker, registry, registered,
@@ -457,7 +457,7 @@ def register_fusions(tracker: Tracker, params, registrations: list[dict]) -> lis
                    if isinstance(v, (int, float)) and v == v}}
         version = _register_once(
             tracker, item["run_id"], name, tags,
-            lambda folder, r=ref, p=packed: write_fusion_model_folder(folder, r.path, p),
+            lambda folder: write_fusion_model_folder(folder, ref.path, packed),
             fusion=True)
         registered.append({"name": name, "version": version, "category": category,
                            "method": "segad_fusion"})

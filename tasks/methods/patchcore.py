@@ -34,7 +34,8 @@ class PatchCoreParams:
     # oversample x ratio <= 0.1): close to a whole-bank greedy at small ratios. 1: per chunk only.
     coreset_oversample: int = 4
     # Second stage: candidates reduced together. Bigger is closer to a whole-bank greedy; each
-    # reduction costs pool^2 / oversample distance evaluations, so time stays linear in N.
+    # reduction costs pool^2 / oversample distance evaluations, so time grows faster than N
+    # until the candidates fill one pool, linearly beyond.
     coreset_pool: int = 65536
     num_neighbors: int = 9             # b in the paper's image-score reweighting
     # 3x3 average at the map border: "zero_padded" counts the zero padding, as the reference
