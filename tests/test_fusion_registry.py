@@ -137,7 +137,7 @@ def test_fusion_pyfunc_applies_the_saved_forest_to_the_pipeline_maps(fused):
     # images in other batches; batch size changes the convolutions' summation order, and
     # where a value lies near a rounding boundary of the float16 feature and map stores,
     # that noise becomes a whole float16 step (measured: 0.3% of the pixels, by up to 3e-3
-    # here). A wrong normalization, resize or detector would change every pixel.
+    # here). Detector maps in the wrong order or wrongly scaled change nearly every pixel.
     fused = fused_map(pipeline_maps(chosen), FusionConfig.load(fusion_dir / FUSION_CONFIG_NAME))
     expected = np.stack([cv2.resize(m, (64, 64), interpolation=cv2.INTER_LINEAR)
                          for m in fused])
