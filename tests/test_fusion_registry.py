@@ -4,7 +4,6 @@ maps as the pipeline, and ``defectflow score`` serves it on an inbox."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import cv2
@@ -91,8 +90,8 @@ def test_fusion_pyfunc_applies_the_saved_forest_to_the_pipeline_maps(fused):
 
     cache = tmp / "cache"
     fusion_dir = next((cache / "fusions").iterdir())
-    config = json.loads((fusion_dir / "fusion.json").read_text())
-    assert config["detectors"] == ["padim", "patchcore"] and config["threshold"] == 0.0
+    config = FusionConfig.load(fusion_dir / FUSION_CONFIG_NAME)
+    assert list(config.detectors) == ["padim", "patchcore"] and config.threshold == 0.0
     segments = np.load(fusion_dir / "segments.npy")
     forest = XGBClassifier()
     forest.load_model(str(fusion_dir / "forest.json"))
@@ -101,19 +100,19 @@ def test_fusion_pyfunc_applies_the_saved_forest_to_the_pipeline_maps(fused):
     # The saved forest is the one behind the first seed's evaluation scores.
     evaluated = pd.read_csv(fusion_dir / "scores.csv").query("seed == 0")
     tables, maps = {}, {}
-    for method in config["detectors"]:
+    for method in config.detectors:
         tables[method], maps[method] = _pipeline_maps(tmp, uri, method)
 
-    def pipeline_maps(image_ids: list[str]) -> list[np.ndarray]:
+    def detector_maps(image_ids: list[str]) -> list[np.ndarray]:
         per_detector = []
-        for method in config["detectors"]:
+        for method in config.detectors:
             rows = tables[method].reset_index().set_index("image_id").loc[image_ids, "index"]
             per_detector.append(maps[method][rows.to_numpy()])
         return per_detector
 
     def pipeline_margins(image_ids: list[str]) -> np.ndarray:
-        features = segad.feature_matrix(pipeline_maps(image_ids), segments,
-                                        k=config["n_segments"])
+        features = segad.feature_matrix(detector_maps(image_ids), segments,
+                                        k=config.n_segments)
         return segad.margin_scores(forest, features)
 
     np.testing.assert_allclose(pipeline_margins(evaluated["image_id"].tolist()),
@@ -138,9 +137,8 @@ def test_fusion_pyfunc_applies_the_saved_forest_to_the_pipeline_maps(fused):
     # where a value lies near a rounding boundary of the float16 feature and map stores,
     # that noise becomes a whole float16 step (measured: 0.3% of the pixels, by up to 3e-3
     # here). Detector maps in the wrong order or wrongly scaled change nearly every pixel.
-    fused = fused_map(pipeline_maps(chosen), FusionConfig.load(fusion_dir / FUSION_CONFIG_NAME))
     expected = np.stack([cv2.resize(m, (64, 64), interpolation=cv2.INTER_LINEAR)
-                         for m in fused])
+                         for m in fused_map(detector_maps(chosen), config)])
     gap = np.abs(np.stack(out["anomaly_map"].tolist()) - expected)
     assert (gap <= 1e-4).mean() > 0.98 and gap.max() < 2e-2, (gap.mean(), gap.max())
     # The forest's margin is piecewise constant in its inputs: those steps can move a segment
