@@ -44,7 +44,7 @@ def main() -> int:
     parser.add_argument("--cache-dir", default=None, help="default: the params file's cache_dir")
     args = parser.parse_args()
 
-    from defectflow.tasks import steps
+    from defectflow.tasks import scoring, steps
     from defectflow.tasks.images import text_hash
     from defectflow.tasks.methods import METHODS
     from defectflow.tasks.params import load_params, method_params
@@ -57,7 +57,7 @@ def main() -> int:
         stats, store = steps.category_features_without_prefect(p, scanned, patches, category,
                                                                cache)
         table = steps._category_rows(patches, category)
-        train = steps._patch_set(store, table, (table["split"] == "train").to_numpy(),
+        train = scoring.patch_set(store, table, (table["split"] == "train").to_numpy(),
                                  scanned.manifest, args.input_size, stats, p.features.device)
         for variant, options in VARIANTS.items():
             params = method_params("patchcore", {**p.methods.get("patchcore", {}),

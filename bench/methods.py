@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", help="default: the params file's methods")
     args = parser.parse_args()
 
-    from defectflow.tasks import steps
+    from defectflow.tasks import scoring, steps
     from defectflow.tasks.evaluation import image_metrics
     from defectflow.tasks.methods import METHODS
     from defectflow.tasks.params import load_params, method_params
@@ -62,9 +62,9 @@ def main() -> None:
                 defects = steps.labelled_defects(manifest, category, params.n_defective,
                                                  params.seed)
                 selected = selected | table["image_id"].isin(defects).to_numpy()
-            train = steps._patch_set(store, table, selected, scanned.manifest,
+            train = scoring.patch_set(store, table, selected, scanned.manifest,
                                      p.features.input_size, stats, p.features.device)
-            test = steps._patch_set(store, table, ((table["split"] == "test")
+            test = scoring.patch_set(store, table, ((table["split"] == "test")
                                                    & ~table["image_id"].isin(defects)).to_numpy(),
                                     scanned.manifest, p.features.input_size, stats,
                                     p.features.device)

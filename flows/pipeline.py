@@ -31,9 +31,9 @@ from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from ..tasks import steps
+from ..tasks.cores import shares_cores
 from ..tasks.methods import source_hash
 from ..tasks.params import PipelineParams, method_params
-from .runners import shares_cores
 from .steplog import StepLog
 
 CACHED = dict(cache_policy=INPUTS + TASK_SOURCE, persist_result=True)

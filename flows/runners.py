@@ -8,7 +8,6 @@ once, from the flow's process, after every step has finished.
 
 from __future__ import annotations
 
-import functools
 import os
 from contextlib import contextmanager
 
@@ -79,19 +78,6 @@ def torch_threads_for(execution: ExecutionParams):
             yield
     finally:
         torch.set_num_threads(before)
-
-
-def shares_cores(fn):
-    """``fn`` (a torch-heavy step) counted among the running steps while it runs.
-
-    ``functools.wraps`` keeps ``fn``'s signature and source for Prefect's cache key.
-    """
-    @functools.wraps(fn)
-    def step(*args, **kwargs):
-        with cores.step():
-            return fn(*args, **kwargs)
-
-    return step
 
 
 def run_pipeline(params: PipelineParams, verbose: bool = True) -> dict:

@@ -17,6 +17,7 @@ function here does nothing.
 
 from __future__ import annotations
 
+import functools
 import threading
 from contextlib import contextmanager
 
@@ -68,3 +69,16 @@ def follow() -> None:
     want = max(1, cores // max(1, running))
     if torch.get_num_threads() != want:
         torch.set_num_threads(want)
+
+
+def shares_cores(fn):
+    """``fn`` (a torch-heavy step) counted among the running steps while it runs.
+
+    ``functools.wraps`` keeps ``fn``'s signature and source for Prefect's cache key.
+    """
+    @functools.wraps(fn)
+    def counted(*args, **kwargs):
+        with step():
+            return fn(*args, **kwargs)
+
+    return counted

@@ -18,18 +18,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import cores
 from .errors import DefectflowError
 from .features import FeatureStoreRef, extract_features, resolve_device
 from .images import read_image, read_mask, text_hash
 from .methods import METHODS, PatchSet, source_hash
 from .normalization import normalization_stats
 from .patches import plan_patches
+from .scoring import SCORE_PIECE, new_images_batch, patch_set, score_pieces
 
 # datasets and evaluation (scikit-learn, matplotlib) are imported inside the steps that use
 # them: a rerun whose steps all come from cache then never pays for those imports.
 STEP_VERSION = "1"  # bump when a step's output format or meaning changes
-SCORE_PIECE = 512  # patches scored per call: bounds the anomaly maps held in memory
 
 
 @dataclass(frozen=True)
@@ -213,17 +212,6 @@ def features_step(patches: Ref, manifest: Ref, category: str, features: dict, st
                             progress=progress, denoise=stats.get("denoise"))
 
 
-def _patch_set(store: FeatureStoreRef | None, rows: pd.DataFrame, selected: np.ndarray,
-               paths: dict[str, str], input_size: int, stats: dict,
-               device: str = "cpu") -> PatchSet:
-    """The rows of ``rows`` where ``selected`` is True, as a detector's input (``paths``:
-    image id -> file; ``stats``: normalization mean, std and denoising)."""
-    positions = np.flatnonzero(selected)
-    return PatchSet(rows.iloc[positions].reset_index(drop=True), store, positions,
-                    paths, input_size, tuple(stats["mean"]), tuple(stats["std"]),
-                    device=resolve_device(device), denoise=stats.get("denoise"))
-
-
 def labelled_defects(manifest: pd.DataFrame, category: str, count: int, seed: int) -> list[str]:
     """Image ids of ``count`` defective test images of a category (seeded), for methods that
     train on a few labelled defects; they are then never scored in those methods' evaluation.
@@ -264,7 +252,7 @@ def train_step(store: FeatureStoreRef, patches: Ref, manifest: Ref, category: st
                                        method_params.get("n_defective", 0),
                                        method_params.get("seed", 0))
             selected = selected | rows["image_id"].isin(defects).to_numpy()
-        train = _patch_set(store, rows, selected, _paths(manifest), input_size, stats, device)
+        train = patch_set(store, rows, selected, _paths(manifest), input_size, stats, device)
         if not (train.table["split"] == "train").any():
             raise DefectflowError(f"category {category!r} has no training images")
         detector.fit(train)
@@ -288,7 +276,7 @@ def score_step(model: Ref, store: FeatureStoreRef, patches: Ref, manifest: Ref,
         trained_on = json.loads((Path(model.path) / "train_defects.json").read_text())
         selected = (rows["split"].isin(["val", "test"])
                     & ~rows["image_id"].isin(trained_on)).to_numpy()
-        batch = _patch_set(store, rows, selected, _paths(manifest), input_size, stats, device)
+        batch = patch_set(store, rows, selected, _paths(manifest), input_size, stats, device)
         _score_into(METHODS[method].load(model.path), batch, final)
     return Ref(str(final), key)
 
@@ -310,36 +298,6 @@ def _score_into(detector, batch: PatchSet, final: Path) -> None:
     table["score"] = scores
     table.to_parquet(partial / "scores.parquet", index=False)
     _finish_folder(partial, final)
-
-
-def score_pieces(detector, batch: PatchSet, maps: np.ndarray) -> np.ndarray:
-    """Patch scores of ``batch``, its anomaly maps written into ``maps`` (float16, as the
-    pipeline stores them), ``SCORE_PIECE`` patches per call: memory stays bounded."""
-    scores = np.zeros(len(batch), dtype=np.float32)
-    for start in range(0, len(batch), SCORE_PIECE):
-        cores.follow()  # the current share of the cores, when steps run side by side
-        part = slice(start, min(start + SCORE_PIECE, len(batch)))
-        scores[part], piece_maps = detector.score(batch.subset(part))
-        maps[part] = piece_maps.astype(np.float16)
-    return scores
-
-
-def new_images_batch(manifest: pd.DataFrame, patches: pd.DataFrame, features: dict,
-                     stats: dict, cache_dir: str | Path, with_features: bool = True) -> PatchSet:
-    """Every patch of images from outside the scanned dataset (synthetic defects, an inbox)
-    as a detector's input, prepared exactly as the dataset's own: the same backbone, layers,
-    input size, normalization and denoising, into a content-addressed feature store under
-    ``cache_dir`` (skipped for methods that read pixels only: ``with_features=False``)."""
-    store = None
-    if with_features:
-        store = extract_features(patches, manifest, backbone=features["backbone"],
-                                 layers=features["layers"], input_size=features["input_size"],
-                                 mean=stats["mean"], std=stats["std"], cache_dir=cache_dir,
-                                 batch_size=features["batch_size"], device=features["device"],
-                                 progress=False, denoise=stats.get("denoise"))
-    return _patch_set(store, patches, np.ones(len(patches), bool),
-                      dict(zip(manifest["image_id"], manifest["path"])),
-                      int(features["input_size"]), stats, features["device"])
 
 
 # -- 7. evaluate ----------------------------------------------------------------------
@@ -634,7 +592,7 @@ def fusion_step(method_scores: dict[str, Ref], manifest: Ref, category: str, fus
     it trained on). Only whole-image runs are fused: with patches the maps are per window.
     """
     from . import fusion as segad
-    from .serving import write_deployable_fusion
+    from .fusion_deploy import write_deployable_fusion
 
     mode = fusion.get("mode", "supervised")
     detectors = sorted(method_scores)

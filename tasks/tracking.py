@@ -423,8 +423,8 @@ def register_fusions(tracker: Tracker, params, registrations: list[dict]) -> lis
     import json
 
     from .images import text_hash
-    from .serving import (FUSION_CONFIG_NAME, FusionConfig, config_from_pipeline,
-                          overlay_scale, write_fusion_model_folder)
+    from .fusion_deploy import FUSION_CONFIG_NAME, FusionConfig
+    from .serving import config_from_pipeline, overlay_scale, write_fusion_model_folder
 
     registry = params.registry
     detectors = {(r["result"]["category"], r["result"]["method"]): r

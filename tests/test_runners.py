@@ -147,7 +147,8 @@ def four_torch_threads():
 def test_cores_are_divided_among_the_steps_running_at_that_moment(four_torch_threads):
     import torch
 
-    from defectflow.flows.runners import shares_cores, torch_threads_for
+    from defectflow.flows.runners import torch_threads_for
+    from defectflow.tasks.cores import shares_cores
     from defectflow.tasks import cores
     from defectflow.tasks.params import ExecutionParams
 

@@ -1,0 +1,56 @@
+"""Turning patches into a detector's input and scoring it piece by piece: the low-level
+scoring shared by the pipeline's steps and by serving (new images, synthetic defects)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import cores
+from .features import FeatureStoreRef, extract_features, resolve_device
+from .methods import PatchSet
+
+SCORE_PIECE = 512  # patches scored per call: bounds the anomaly maps held in memory
+
+
+def patch_set(store: FeatureStoreRef | None, rows: pd.DataFrame, selected: np.ndarray,
+               paths: dict[str, str], input_size: int, stats: dict,
+               device: str = "cpu") -> PatchSet:
+    """The rows of ``rows`` where ``selected`` is True, as a detector's input (``paths``:
+    image id -> file; ``stats``: normalization mean, std and denoising)."""
+    positions = np.flatnonzero(selected)
+    return PatchSet(rows.iloc[positions].reset_index(drop=True), store, positions,
+                    paths, input_size, tuple(stats["mean"]), tuple(stats["std"]),
+                    device=resolve_device(device), denoise=stats.get("denoise"))
+
+
+def score_pieces(detector, batch: PatchSet, maps: np.ndarray) -> np.ndarray:
+    """Patch scores of ``batch``, its anomaly maps written into ``maps`` (float16, as the
+    pipeline stores them), ``SCORE_PIECE`` patches per call: memory stays bounded."""
+    scores = np.zeros(len(batch), dtype=np.float32)
+    for start in range(0, len(batch), SCORE_PIECE):
+        cores.follow()  # the current share of the cores, when steps run side by side
+        part = slice(start, min(start + SCORE_PIECE, len(batch)))
+        scores[part], piece_maps = detector.score(batch.subset(part))
+        maps[part] = piece_maps.astype(np.float16)
+    return scores
+
+
+def new_images_batch(manifest: pd.DataFrame, patches: pd.DataFrame, features: dict,
+                     stats: dict, cache_dir: str | Path, with_features: bool = True) -> PatchSet:
+    """Every patch of images from outside the scanned dataset (synthetic defects, an inbox)
+    as a detector's input, prepared exactly as the dataset's own: the same backbone, layers,
+    input size, normalization and denoising, into a content-addressed feature store under
+    ``cache_dir`` (skipped for methods that read pixels only: ``with_features=False``)."""
+    store = None
+    if with_features:
+        store = extract_features(patches, manifest, backbone=features["backbone"],
+                                 layers=features["layers"], input_size=features["input_size"],
+                                 mean=stats["mean"], std=stats["std"], cache_dir=cache_dir,
+                                 batch_size=features["batch_size"], device=features["device"],
+                                 progress=False, denoise=stats.get("denoise"))
+    return patch_set(store, patches, np.ones(len(patches), bool),
+                      dict(zip(manifest["image_id"], manifest["path"])),
+                      int(features["input_size"]), stats, features["device"])
