@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import DefectflowError
-from .fusion_deploy import (FOREST_NAME, FUSION_CONFIG_NAME, SEGMENTS_NAME, FusionConfig,
+from .fusion.deploy import (FOREST_NAME, FUSION_CONFIG_NAME, SEGMENTS_NAME, FusionConfig,
                             fused_map)
 from .jsonsettings import JsonSettings
 from .images import file_hash, image_header

@@ -592,7 +592,7 @@ def fusion_step(method_scores: dict[str, Ref], manifest: Ref, category: str, fus
     it trained on). Only whole-image runs are fused: with patches the maps are per window.
     """
     from . import fusion as segad
-    from .fusion_deploy import write_deployable_fusion
+    from .fusion.deploy import write_deployable_fusion
 
     mode = fusion.get("mode", "supervised")
     detectors = sorted(method_scores)

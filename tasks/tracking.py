@@ -423,7 +423,7 @@ def register_fusions(tracker: Tracker, params, registrations: list[dict]) -> lis
     import json
 
     from .images import text_hash
-    from .fusion_deploy import FUSION_CONFIG_NAME, FusionConfig
+    from .fusion.deploy import FUSION_CONFIG_NAME, FusionConfig
     from .serving import config_from_pipeline, overlay_scale, write_fusion_model_folder
 
     registry = params.registry

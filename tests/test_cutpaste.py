@@ -15,8 +15,8 @@ from defectflow.tasks.augmentations import (AUGMENTATIONS, REFERENCE_SIDE, arc_s
 from defectflow.tasks.evaluation import image_metrics, pixel_metrics
 from defectflow.tasks.images import read_mask
 from defectflow.tasks.methods.base import PatchSet
-from defectflow.tasks.methods.cutpaste import (CutPaste, CutPasteParams, EarlyStopping,
-                                               GaussianDensity, encoder_stages, subpatch_windows)
+from defectflow.tasks.methods.cutpaste import CutPaste, CutPasteParams, subpatch_windows
+from defectflow.tasks.methods.cutpaste_net import EarlyStopping, GaussianDensity, encoder_stages
 from defectflow.tasks.normalization import channel_stats
 from defectflow.tasks.patches import plan_patches
 
@@ -228,7 +228,7 @@ def test_training_views_pair_each_image_with_its_augmented_versions(variant, aug
 
 
 def test_projection_head_follows_the_thesis():
-    from defectflow.tasks.methods.cutpaste import CutPasteNet
+    from defectflow.tasks.methods.cutpaste_net import CutPasteNet
 
     net = CutPasteNet("efficientnet_lite0", CutPasteParams().head_layers, 2, pretrained=False)
     linears = [m for m in net.head if isinstance(m, nn.Linear)]

@@ -85,7 +85,7 @@ def test_fusion_pyfunc_applies_the_saved_forest_to_the_pipeline_maps(fused):
     from xgboost import XGBClassifier
 
     from defectflow.tasks import fusion as segad
-    from defectflow.tasks.fusion_deploy import FUSION_CONFIG_NAME, FusionConfig, fused_map
+    from defectflow.tasks.fusion.deploy import FUSION_CONFIG_NAME, FusionConfig, fused_map
     from defectflow.tasks.tracking import load_model
 
     cache = tmp / "cache"

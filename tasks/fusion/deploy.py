@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import fusion as segad
-from .errors import DefectflowError
-from .jsonsettings import JsonSettings
+from ..errors import DefectflowError
+from ..jsonsettings import JsonSettings
+from .forest import fit_classifier
+from .segments import count_segments
 
 FUSION_CONFIG_NAME = "fusion.json"
 FOREST_NAME = "forest.json"        # XGBoost save_model JSON
@@ -85,9 +86,8 @@ def write_deployable_fusion(folder: str | Path, features: pd.DataFrame, labels: 
     """
     folder = Path(folder)
     train_ids = list(train_ids)
-    model = segad.fit_classifier(features.loc[train_ids].to_numpy(np.float32),
-                                 labels.loc[train_ids].to_numpy(), kind=kind, seed=seed,
-                                 n_jobs=n_jobs)
+    model = fit_classifier(features.loc[train_ids].to_numpy(np.float32),
+                           labels.loc[train_ids].to_numpy(), kind=kind, seed=seed, n_jobs=n_jobs)
     model.save_model(str(folder / FOREST_NAME))
     np.save(folder / SEGMENTS_NAME, np.ascontiguousarray(segments, dtype=np.int32))
     position = {image_id: row for row, image_id in enumerate(image_ids)}
@@ -103,7 +103,7 @@ def write_deployable_fusion(folder: str | Path, features: pd.DataFrame, labels: 
     y = labels.loc[train_ids].to_numpy().astype(int)
     config = FusionConfig(
         category=category, detectors=tuple(detectors),
-        map_size=int(np.shape(maps[0])[-1]), n_segments=segad.count_segments(segments),
+        map_size=int(np.shape(maps[0])[-1]), n_segments=count_segments(segments),
         threshold=FUSION_THRESHOLD, map_low=tuple(lows), map_high=tuple(highs),
         classifier=kind, train_seed=int(seed), n_train_good=int((y == 0).sum()),
         n_train_bad=int((y == 1).sum()))
