@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectflow.tasks import datasets
-from defectflow.tasks.augmentations import (AUGMENTATIONS, REFERENCE_SIDE, arc_scar, black_dot,
+from defectflow.tasks.methods.augmentations import (AUGMENTATIONS, REFERENCE_SIDE, arc_scar, black_dot,
                                             cutpaste_basic, cutpaste_scar, white_dot_black_border)
 from defectflow.tasks.evaluation import image_metrics, pixel_metrics
 from defectflow.tasks.images import read_mask

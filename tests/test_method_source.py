@@ -13,7 +13,7 @@ def test_each_method_covers_its_own_imports_only():
     assert {"methods/patchcore.py", "coreset.py", "methods/base.py"} <= set(
         source_files("patchcore"))
     assert "coreset.py" not in source_files("padim")
-    assert {"augmentations.py", "methods/cutpaste_net.py"} <= set(source_files("cutpaste"))
+    assert {"methods/augmentations.py", "methods/cutpaste_net.py"} <= set(source_files("cutpaste"))
     # The ensemble reuses PaDiM's and PatchCore's code: a change to either retrains it.
     assert {"methods/padim.py", "methods/patchcore.py"} <= set(source_files("ensemble"))
     assert len({source_hash(m) for m in methods.METHODS}) == len(methods.METHODS)

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from ..augmentations import AUGMENTATIONS
+from .augmentations import AUGMENTATIONS
 from ..features import preprocess
 from ..patches import grid_positions, iter_patch_pixels
 from .base import Detector, PatchSet
