@@ -10,9 +10,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .datasets import LAYOUTS
 from .errors import DefectflowError
-
-LAYOUTS = ("elpv", "mvtec", "mvtec_loco", "magnetic_tile", "folder", "large", "bsdata")
 
 
 class _Strict(BaseModel):
@@ -20,8 +19,8 @@ class _Strict(BaseModel):
 
 
 class DatasetParams(_Strict):
-    layout: Literal["elpv", "mvtec", "mvtec_loco", "magnetic_tile", "folder", "large",
-                    "bsdata"] = "elpv"
+    # The layout registry's names: Literal[("a", "b")] means Literal["a", "b"].
+    layout: Literal[LAYOUTS] = "elpv"  # type: ignore[valid-type]
     path: str | None = None            # folder of the data (not used by elpv)
     name: str | None = None            # dataset name: the MLflow experiment; default from layout
     category: str | None = None        # category name for single-category layouts

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 
 from defectflow.tasks.datasets import (
     LAYOUTS,
@@ -18,6 +19,7 @@ from defectflow.tasks.datasets import (
     scan_dataset,
 )
 from defectflow.tasks.errors import DefectflowError
+from defectflow.tasks.params import DatasetParams
 
 SIZE = 32
 
@@ -247,6 +249,14 @@ def test_missing_source_and_unknown_layout(tmp_path: Path) -> None:
     with pytest.raises(DefectflowError) as raised:
         scan_dataset("imagenet", tmp_path)
     assert all(layout in str(raised.value) for layout in LAYOUTS)
+
+
+def test_params_accept_exactly_the_registered_layouts() -> None:
+    for layout in LAYOUTS:
+        assert DatasetParams(layout=layout).layout == layout
+    with pytest.raises(ValidationError) as raised:
+        DatasetParams(layout="imagenet")
+    assert all(f"'{layout}'" in str(raised.value) for layout in LAYOUTS)
 
 
 # --------------------------------------------------------------------------- splits and tables
