@@ -16,7 +16,7 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
     RGB uint8 arrays (H, W, 3). The result is a DataFrame with one row per image:
     ``image``, ``score``, ``threshold``, ``verdict`` (``defective`` / ``good``) and
     ``anomaly_map`` (float32 (H, W) at the image's resolution). All the work is
-    ``serving.ImageScorer``'s; this class only adapts it to MLflow.
+    ``serving.scorer.ImageScorer``'s; this class only adapts it to MLflow.
     """
 
     def load_context(self, context) -> None:
@@ -35,7 +35,7 @@ class FusionPyfunc(DetectorPyfunc):
     """MLflow pyfunc of one category's SegAD fusion: the same inputs and output columns as
     ``DetectorPyfunc``; ``score`` is the forest's margin, ``anomaly_map`` the mean of the
     detectors' maps each normalized by its held-out goods. The work is
-    ``serving.FusionScorer``'s."""
+    ``serving.scorer.FusionScorer``'s."""
 
     def load_context(self, context) -> None:
         from ..serving.scorer import FusionScorer  # torch, as above
