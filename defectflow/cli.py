@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from defectflow.tasks.results import PipelineSummary  # plain data: imports no library
+
 # Offline and quiet defaults, set before Prefect or MLflow are imported.
 _ENV_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -48,48 +50,33 @@ def _parse_overrides(items: list[str]) -> dict:
     return overrides
 
 
-def preflight(params) -> None:
-    """Check what can be checked before any work starts: data path, backbone and layers."""
-    from defectflow.tasks.backbones import available_layers
-    from defectflow.tasks.errors import DefectflowError
-    from defectflow.tasks.steps import source_fingerprint
-
-    layers = available_layers(params.features.backbone)  # raises for an unknown backbone
-    unknown = [layer for layer in params.features.layers if layer not in layers]
-    if unknown:
-        raise DefectflowError(f"unknown layer(s) {unknown} for backbone "
-                              f"{params.features.backbone!r} (valid: {layers})")
-    if params.dataset.layout != "elpv":
-        source_fingerprint(params.dataset.layout, params.dataset.path)
-
-
-def print_summary(summary: dict) -> None:
+def print_summary(summary: PipelineSummary) -> None:
     print()
     print(f"{'category':<16} {'method':<12} {'image AUROC':>11} {'pixel AUROC':>11} "
           f"{'F1-max':>7} {'accuracy':>8}")
-    fused = [r for r in summary["results"] if r["method"] == "segad_fusion"]
-    for r in summary["results"]:
-        if r["method"] == "segad_fusion":
+    fused = [r for r in summary.results if r.method == "segad_fusion"]
+    for r in summary.results:
+        if r.method == "segad_fusion":
             continue
-        pixel = r.get("pixel_auroc")
+        m = r.metrics
+        pixel = m.get("pixel_auroc")
         pixel_text = f"{pixel:11.4f}" if pixel is not None and pixel == pixel else f"{'-':>11}"
-        print(f"{r['category']:<16} {r['method']:<12} {r['image_auroc']:11.4f} {pixel_text} "
-              f"{r['f1_max']:7.4f} {r.get('accuracy', float('nan')):8.4f}")
+        print(f"{r.category:<16} {r.method:<12} {m['image_auroc']:11.4f} {pixel_text} "
+              f"{m['f1_max']:7.4f} {m.get('accuracy', float('nan')):8.4f}")
     if fused:
         print("\nSegAD fusion: image AUROC, mean ± std over seeds, on the images the fusion did "
               "not train on\n(in brackets: each detector's anomaly-map maximum alone, "
               "on the same images)")
         for r in fused:
-            alone = ", ".join(f"{k.split('.')[0]} {v:.4f}" for k, v in sorted(r.items())
+            alone = ", ".join(f"{k.split('.')[0]} {v:.4f}" for k, v in sorted(r.metrics.items())
                               if k.endswith("image_score_auroc_mean"))
-            print(f"{r['category']:<16} fusion {r['image_auroc']:.4f} ± "
-                  f"{r.get('image_auroc_std') or 0:.4f}   ({alone})")
-    print(f"\nMLflow: experiment {summary['experiment']!r}, run {summary['parent_run_id']}"
-          f"{'  (every step cached)' if summary['all_steps_cached'] else ''}")
-    for r in summary.get("registered", []):  # params.registry.enabled
-        aliases = ", ".join(f"{k} -> version {v}" for k, v in r.items()
-                            if k not in ("name", "version", "category", "method"))
-        print(f"registered {r['name']} version {r['version']}  ({aliases})")
+            print(f"{r.category:<16} fusion {r.metrics['image_auroc']:.4f} ± "
+                  f"{r.metrics.get('image_auroc_std') or 0:.4f}   ({alone})")
+    print(f"\nMLflow: experiment {summary.experiment!r}, run {summary.parent_run_id}"
+          f"{'  (every step cached)' if summary.all_steps_cached else ''}")
+    for r in summary.registered:  # params.registry.enabled
+        aliases = ", ".join(f"{k} -> version {v}" for k, v in r.aliases.items())
+        print(f"registered {r.name} version {r.version}  ({aliases})")
 
 
 class _HideInputErrors(logging.Filter):
@@ -118,6 +105,8 @@ def cmd_run(args) -> int:
 
     path = args.params or default_params_path()
     params = load_params(path, _parse_overrides(args.set or []))
+    from defectflow.flows.preflight import preflight
+
     preflight(params)
     print(f"defectflow: {params.dataset_name} with {params.features.backbone}, "
           f"methods {sorted(params.methods)}  (params: {path or 'built-in defaults'})", flush=True)
@@ -187,6 +176,8 @@ def cmd_serve(args) -> int:
                               f"got {args.interval:g}")
     overrides = _parse_overrides(args.set or [])
     params = load_params(args.params, overrides)  # bad params fail now, not at the first run
+    from defectflow.flows.preflight import preflight
+
     preflight(params)
     from prefect.settings import Settings
 

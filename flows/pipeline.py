@@ -34,6 +34,7 @@ from ..tasks import steps
 from ..tasks.cores import shares_cores
 from ..tasks.methods import source_hash
 from ..tasks.params import PipelineParams, method_params
+from ..tasks.results import CategoryPlots, DetectorResult, FusionResult, PipelineSummary
 from .steplog import StepLog
 
 CACHED = dict(cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
@@ -74,7 +75,7 @@ make_plots = task(steps.plots_step, name="plots", **CACHED)
 # (flows/runners.py run_pipeline).
 @flow(name="defectflow-pipeline", log_prints=False,
       task_runner=ThreadPoolTaskRunner(max_workers=2))
-def pipeline(params: PipelineParams, verbose: bool = True) -> dict:
+def pipeline(params: PipelineParams, verbose: bool = True) -> PipelineSummary:
     """Train, evaluate and track every (category, method) of one dataset."""
     started = time.perf_counter()
     log = StepLog(verbose=verbose)
@@ -114,25 +115,25 @@ def pipeline(params: PipelineParams, verbose: bool = True) -> dict:
             evaluated = log.submit(f"evaluate {where}", evaluate, scores, scanned.manifest,
                                    category, p.evaluation.threshold_quantile,
                                    p.evaluation.overlays, cache)
-            results.append(dict(category=category, method=method, method_params=resolved,
-                                normalization=stats, model=model, evaluation=evaluated,
-                                features=store, scores=scores))
-        scored = {r["method"]: r["scores"] for r in results if r["category"] == category}
+            results.append(DetectorResult(category=category, method=method,
+                                          method_params=resolved, normalization=stats,
+                                          model=model, evaluation=evaluated, features=store,
+                                          scores=scores))
+        scored = {r.method: r.scores for r in results if r.category == category}
         fused = None
         if p.fusion.enabled and len(scored) >= 2 and p.patches.size is None:
             # One-class mode scores its synthetic defects with the same models and features.
-            models = {r["method"]: r["model"] for r in results if r["category"] == category}
+            models = {r.method: r.model for r in results if r.category == category}
             fused = log.submit(f"fusion [{category}]", fuse, scored, scanned.manifest, category,
                                p.fusion.model_dump(mode="json"), cache, models=models,
                                features=features, stats=stats)
-            fusions.append(dict(category=category, fusion=fused))
+            fusions.append(FusionResult(category=category, fusion=fused))
         if p.evaluation.plots:
-            evaluated = {r["method"]: r["evaluation"] for r in results
-                         if r["category"] == category}
+            evaluated = {r.method: r.evaluation for r in results if r.category == category}
             plotted = log.submit(f"plots [{category}]", make_plots, evaluated, scanned.manifest,
                                  category, store, cache, fusion=fused,
                                  tsne_points=p.evaluation.tsne_points, seed=p.dataset.seed)
-            plots.append(dict(category=category, plots=plotted))
+            plots.append(CategoryPlots(category=category, plots=plotted))
 
     # Every step has finished here; MLflow is written once, from this process.
     properties, results, fusions, plots = log.gather((properties, results, fusions, plots))

@@ -16,6 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
+from prefect.types.entrypoint import EntrypointType
+
+from defectflow.flows.preflight import preflight
+from defectflow.flows.runners import run_pipeline
+from defectflow.tasks.params import load_params
 
 DEFAULT_DEPLOYMENT = "scheduled"
 
@@ -23,20 +28,16 @@ DEFAULT_DEPLOYMENT = "scheduled"
 @flow(name="defectflow-training", log_prints=True)
 def scheduled_training(params_path: str, overrides: dict[str, Any] | None = None) -> dict:
     """Load the params file (plus overrides) and run the training pipeline once."""
-    from defectflow.cli import preflight
-    from defectflow.flows.runners import run_pipeline
-    from defectflow.tasks.params import load_params
-
     params = load_params(params_path, overrides or {})
     preflight(params)
     summary = run_pipeline(params, verbose=False)
-    for r in summary["results"]:  # log_prints: these lines land in the flow run's logs (UI)
-        print(f"{r['category']} / {r['method']}: image AUROC {r.get('image_auroc')}")
-    print(f"MLflow: experiment {summary['experiment']!r}, run {summary['parent_run_id']}")
-    return {"experiment": summary["experiment"], "parent_run_id": summary["parent_run_id"],
-            "all_steps_cached": summary["all_steps_cached"],
-            "results": [{k: r.get(k) for k in ("category", "method", "image_auroc")}
-                        for r in summary["results"]]}
+    for r in summary.results:  # log_prints: these lines land in the flow run's logs (UI)
+        print(f"{r.category} / {r.method}: image AUROC {r.metrics.get('image_auroc')}")
+    print(f"MLflow: experiment {summary.experiment!r}, run {summary.parent_run_id}")
+    return {"experiment": summary.experiment, "parent_run_id": summary.parent_run_id,
+            "all_steps_cached": summary.all_steps_cached,
+            "results": [{"category": r.category, "method": r.method,
+                         "image_auroc": r.metrics.get("image_auroc")} for r in summary.results]}
 
 
 def serve(params_path: str | Path, overrides: dict[str, Any] | None = None, *,
@@ -47,8 +48,6 @@ def serve(params_path: str | Path, overrides: dict[str, Any] | None = None, *,
     Runs of this deployment start one at a time (``limit=1``): two trainings at once on one
     machine would only slow each other down. On shutdown the schedule is paused.
     """
-    from prefect.types.entrypoint import EntrypointType
-
     scheduled_training.serve(
         name=name, cron=cron, interval=interval, limit=1,
         parameters={"params_path": str(Path(params_path).resolve()),

@@ -1,7 +1,7 @@
 """Scoring flow: every new image of an inbox, with a registered model, one MLflow run per batch.
 
     1 resolve   NAME@ALIAS -> model version (the registry is asked once per batch)
-    2 score     tasks.inbox.score_inbox with the version's MLflow pyfunc
+    2 score     tasks.serving.inbox.score_inbox with the version's MLflow pyfunc
     3 track     one run in the scoring experiment (only when something was processed)
 
 ``defectflow score`` runs it once; ``defectflow score --every SECONDS`` serves it as a
@@ -10,10 +10,13 @@ Prefect deployment on an interval schedule.
 
 from __future__ import annotations
 
+import pandas as pd
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.types.entrypoint import EntrypointType
 
-from ..tasks import inbox as inbox_lib
+from ..tasks.serving import inbox as inbox_lib
+from ..tasks.tracking import load_model, log_scoring_batch, resolve_model
 
 SCORING_EXPERIMENT = "defectflow-scoring"
 DEPLOYMENT_NAME = "defectflow-score"
@@ -21,15 +24,11 @@ DEPLOYMENT_NAME = "defectflow-score"
 
 @task(name="resolve model", cache_policy=NO_CACHE)
 def resolve(model: str, tracking_uri: str) -> dict:
-    from ..tasks.tracking import resolve_model
-
     return resolve_model(model, tracking_uri)
 
 
 @task(name="score inbox", cache_policy=NO_CACHE)
 def score(resolved: dict, inbox: str, out: str, tracking_uri: str) -> inbox_lib.InboxBatch:
-    from ..tasks.tracking import load_model
-
     pyfunc, _ = load_model(resolved, tracking_uri)
     # The overlay colour scale saved with the model (the evaluation's), so overlays compare.
     scorer = pyfunc.unwrap_python_model().scorer
@@ -40,10 +39,6 @@ def score(resolved: dict, inbox: str, out: str, tracking_uri: str) -> inbox_lib.
 @task(name="track batch", cache_policy=NO_CACHE)
 def track(resolved: dict, batch: inbox_lib.InboxBatch, inbox: str, out: str,
           tracking_uri: str, experiment: str) -> str:
-    import pandas as pd
-
-    from ..tasks.tracking import log_scoring_batch
-
     tables = {"results.csv": pd.DataFrame(batch.rows, columns=inbox_lib.RESULT_COLUMNS)}
     if batch.quarantined:
         tables["quarantined.csv"] = pd.DataFrame(batch.quarantined)
@@ -72,8 +67,6 @@ def serve_every(seconds: float, **parameters) -> None:
     """Serve ``score_flow`` as a deployment that runs every ``seconds`` (blocks until stopped).
     Needs a Prefect server with its scheduler (``python3 -m defectflow.prefect_server``, or
     ``prefect server start`` with SQLAlchemy 2.0) and PREFECT_API_URL pointing at it."""
-    from prefect.types.entrypoint import EntrypointType
-
     # By module path: the runner imports defectflow.flows.score (its relative imports need
     # the package), not this file on its own.
     # limit=1: a batch slower than the interval delays the next run instead of starting a

@@ -1,11 +1,11 @@
 """Submitting the pipeline's steps to the flow's task runner, and what each step did.
 
 ``StepLog.submit`` returns a ``Later``: a step's result that is not there yet. Laters can
-be passed to later steps (also inside dicts and lists); a step is submitted to the task
-runner as soon as every Later in its inputs is finished, with their values in its place.
-So the flow reads like the sequential code it replaces while independent categories and
-methods run side by side. Resolving inputs here (not handing Prefect futures to Prefect)
-keeps two behaviours of the sequential flow:
+be passed to later steps (also inside dicts, lists, tuples and dataclasses); a step is
+submitted to the task runner as soon as every Later in its inputs is finished, with their
+values in its place. So the flow reads like the sequential code it replaces while
+independent categories and methods run side by side. Resolving inputs here (not handing
+Prefect futures to Prefect) keeps two behaviours of the sequential flow:
 
 - a cached result whose files were deleted is computed again (``refresh_cache``) before
   anything downstream sees it;
@@ -18,6 +18,7 @@ its end) and kept in a row for MLflow's ``steps.csv``, in the order the flow dec
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import time
 from typing import Any, Callable
@@ -49,11 +50,18 @@ def _laters(obj) -> list[Later]:
         return [x for v in obj.values() for x in _laters(v)]
     if isinstance(obj, (list, tuple)):
         return [x for v in obj for x in _laters(v)]
+    if _is_dataclass(obj):
+        return _laters([getattr(obj, f.name) for f in dataclasses.fields(obj)])
     return []
 
 
+def _is_dataclass(obj) -> bool:
+    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+
+
 def resolve(obj):
-    """``obj`` with every finished Later replaced by its value (dicts, lists, tuples)."""
+    """``obj`` with every finished Later replaced by its value (dicts, lists, tuples, and
+    the init fields of dataclasses: a dataclass without Laters is returned as it is)."""
     if isinstance(obj, Later):
         assert obj.done, obj.label
         return obj.value
@@ -63,6 +71,9 @@ def resolve(obj):
         return [resolve(v) for v in obj]
     if isinstance(obj, tuple):
         return tuple(resolve(v) for v in obj)
+    if _is_dataclass(obj) and _laters(obj):
+        return dataclasses.replace(obj, **{f.name: resolve(getattr(obj, f.name))
+                                           for f in dataclasses.fields(obj) if f.init})
     return obj
 
 

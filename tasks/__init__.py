@@ -1,1 +1,1 @@
-"""Plain-Python pipeline steps. Nothing here imports Prefect or MLflow (see tasks/tracking.py)."""
+"""Plain-Python pipeline steps. Nothing here imports Prefect or MLflow (see tasks/tracking/)."""

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from conftest import add_defect, textured_image
-from defectflow.tasks import inbox as inbox_lib
 from defectflow.tasks.errors import DefectflowError
+from defectflow.tasks.serving import inbox as inbox_lib
 
 
 class DarkPixelScorer:
@@ -171,7 +171,7 @@ def test_champion_is_the_best_version_by_the_chosen_metric(tmp_path):
 def test_a_model_already_registered_is_found_by_its_key(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from defectflow.tasks.tracking import _version_with_tag
+    from defectflow.tasks.tracking.registry import _version_with_tag
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -199,3 +199,17 @@ def test_cores_are_divided_among_the_steps_running_at_that_moment(four_torch_thr
     assert alone() == 3
     with torch_threads_for(ExecutionParams(task_runner="dask")):
         assert alone() == 3
+
+
+def test_laters_inside_dataclasses_are_waited_for_and_resolved():
+    from defectflow.flows.steplog import Later, _laters, resolve
+    from defectflow.tasks.results import DetectorResult, FusionResult
+    from defectflow.tasks.steps import Ref
+
+    fused = Later(0, "fusion", None, (), {})
+    pending = [FusionResult(category="c", fusion=fused)]
+    assert _laters(pending) == [fused]  # a step taking it waits for the fusion
+    fused.value, fused.done = Ref("/x", "k"), True
+    assert resolve(pending) == [FusionResult(category="c", fusion=Ref("/x", "k"))]
+    plain = DetectorResult("c", "m", {}, {}, Ref("/a", "1"), Ref("/b", "2"), None, Ref("/c", "3"))
+    assert resolve(plain) is plain  # nothing pending: the same object

@@ -90,7 +90,10 @@ class Detector:
     ``needs_labelled_defects``: the method trains on good images plus a few
     labelled defective ones; the pipeline then draws ``params.n_defective``
     defective test images (seeded) into its training set and never scores
-    them in its evaluation. ``history`` holds per-epoch training curves
+    them in its evaluation. ``reads_features``: ``score`` reads backbone
+    features (``PatchSet.feature_chunks``), so new images need a feature
+    store; the others run their own network on ``PatchSet.input_batches``.
+    ``history`` holds per-epoch training curves
     (``{"train_loss": [...], ...}``), saved as ``history.json`` and logged to
     MLflow as metrics by step.
     """
@@ -98,6 +101,7 @@ class Detector:
     name: ClassVar[str]
     Params: ClassVar[type]
     needs_labelled_defects: ClassVar[bool] = False
+    reads_features: ClassVar[bool] = False
 
     def __init__(self, params: Any = None):
         self.params = params if params is not None else self.Params()

@@ -114,6 +114,7 @@ def truncated_l1_loss(true_scores: torch.Tensor, fake_scores: torch.Tensor,
 class FeatureEnsemble(Detector):
     name = "ensemble"
     Params = FeatureEnsembleParams
+    reads_features = True
 
     def __init__(self, params: FeatureEnsembleParams | None = None):
         super().__init__(params)

@@ -125,6 +125,7 @@ def upsample_and_smooth(patch_scores: np.ndarray, size: int, sigma: float) -> np
 class PaDiM(Detector):
     name = "padim"
     Params = PaDiMParams
+    reads_features = True
 
     def __init__(self, params: PaDiMParams | None = None):
         super().__init__(params)

@@ -88,6 +88,7 @@ def embed(feature_maps: dict[str, np.ndarray], layers,
 class PatchCore(Detector):
     name = "patchcore"
     Params = PatchCoreParams
+    reads_features = True
 
     def __init__(self, params: PatchCoreParams | None = None):
         super().__init__(params)

@@ -1,27 +1,22 @@
-"""Scoring new images with a fitted detector, exactly as the pipeline scored its test images.
+"""Scoring new images with a registered detector or SegAD fusion, exactly as the pipeline
+scored its test images.
 
-A registered model (see ``tracking.register_detectors``) is a folder with two
-things: the fitted detector (saved through ``Detector.save``) and
-``scoring.json``, every setting that turns an image into the detector's input
-(patch windows, denoising, normalization mean/std, backbone, layers, input
-size) plus the decision threshold chosen on held-out good images.
-:class:`ImageScorer` loads that folder and scores images through the
-pipeline's own code: ``patches.plan_patches`` for the windows,
-``scoring.new_images_batch`` for the detector's input (backbone features into a
-temporary store) and ``scoring.score_pieces`` for ``Detector.score``.
-An image's score is the maximum over its patches, as in ``steps.image_scores``.
+:class:`ImageScorer` loads a detector's model folder (``model_folder.write_model_folder``)
+and scores images through the pipeline's own code: ``patches.plan_patches`` for the
+windows, ``scoring.new_images_batch`` for the detector's input (backbone features into a
+temporary store) and ``scoring.score_pieces`` for ``Detector.score``. An image's score is
+the maximum over its patches, as in ``steps.image_scores``.
 
-A registered SegAD fusion (``tracking.register_fusions``) is a folder with each fused
-detector's model folder under ``detectors/<method>/`` and the fusion's files under
-``fusion/`` (the forest ``steps.fusion_step`` fitted to serve, the segment map and
-``fusion.json``); :class:`FusionScorer` scores images with it.
+:class:`FusionScorer` loads a fusion's model folder
+(``model_folder.write_fusion_model_folder``): one ``ImageScorer`` per fused detector, the
+forest ``steps.fusion_step`` fitted to serve and the segment map.
 
-This module is plain Python: the MLflow pyfunc wrappers live in ``tracking.py``.
+Images come as paths, a DataFrame with a ``path`` column or RGB arrays
+(``materialize_images``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -30,19 +25,16 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from .errors import DefectflowError
-from .fusion.deploy import (FOREST_NAME, FUSION_CONFIG_NAME, SEGMENTS_NAME, FusionConfig,
-                            fused_map)
-from .jsonsettings import JsonSettings
-from .images import file_hash, image_header
-from .scoring import new_images_batch, score_pieces
-
-CONFIG_NAME = "scoring.json"
-CONFIG_VERSION = 1
-
-#: Methods whose ``score`` reads backbone features (``PatchSet.feature_chunks``); the others
-#: (CutPaste, the classifier) run their own network on ``PatchSet.input_batches``.
-FEATURE_METHODS = frozenset({"patchcore", "padim", "ensemble"})
+from .. import fusion as segad
+from ..errors import DefectflowError
+from ..fusion.deploy import (FOREST_NAME, FUSION_CONFIG_NAME, SEGMENTS_NAME, FusionConfig,
+                             fused_map)
+from ..images import file_hash, image_header
+from ..methods import METHODS
+from ..patches import plan_patches
+from ..scoring import new_images_batch, score_pieces
+from ..stitching import stitch
+from .config import CONFIG_NAME, ScoringConfig
 
 
 def verdict_frame(names, scores, threshold: float, maps) -> pd.DataFrame:
@@ -54,73 +46,10 @@ def verdict_frame(names, scores, threshold: float, maps) -> pd.DataFrame:
                         columns=["image", "score", "threshold", "verdict", "anomaly_map"])
 
 
-@dataclasses.dataclass(frozen=True)
-class ScoringConfig(JsonSettings):
-    """Everything besides the fitted detector that scoring a new image needs."""
-
-    method: str
-    dataset: str
-    category: str
-    backbone: str
-    layers: tuple[str, ...]
-    input_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    threshold: float               # image-score threshold from held-out good images
-    denoise: dict | None = None
-    patch_size: int | None = None  # None: each whole image is one patch
-    patch_stride: int | None = None
-    min_mean_intensity: float = 31.0
-    batch_size: int = 8
-    device: str = "auto"
-    map_vmax: float | None = None  # overlay colour scale: the evaluation's (0.99 quantile of peaks)
-    version: int = CONFIG_VERSION
-
-    _VERSION = CONFIG_VERSION
-    _WHAT = "scoring settings"
-    _TUPLES = ("layers", "mean", "std")
-
-    @property
-    def stats(self) -> dict:
-        """The normalization dict the pipeline's steps pass around (with its denoising)."""
-        return {"mean": list(self.mean), "std": list(self.std), "denoise": self.denoise}
-
-
-def config_from_pipeline(params, result: dict, threshold: float,
-                         map_vmax: float | None = None) -> ScoringConfig:
-    """The scoring settings of one pipeline result (a ``record_pipeline`` results entry)."""
-    stats = result["normalization"]
-    return ScoringConfig(
-        method=result["method"], dataset=params.dataset_name, category=result["category"],
-        backbone=params.features.backbone, layers=tuple(params.features.layers),
-        input_size=int(params.features.input_size), mean=tuple(stats["mean"]),
-        std=tuple(stats["std"]), threshold=float(threshold), denoise=stats.get("denoise"),
-        patch_size=params.patches.size, patch_stride=params.patches.stride,
-        min_mean_intensity=float(params.patches.min_mean_intensity),
-        batch_size=int(params.features.batch_size), device=params.features.device,
-        map_vmax=map_vmax)
-
-
-def overlay_scale(scores_dir: str | Path, sample: int = 2000) -> float | None:
-    """The evaluation's overlay colour scale: 0.99 quantile of the scored maps' peaks
-    (read for at most ``sample`` evenly spaced maps, so large runs stay cheap)."""
-    path = Path(scores_dir) / "anomaly_maps.npy"
-    if not path.is_file():
-        return None
-    maps = np.load(path, mmap_mode="r")
-    if not len(maps):
-        return None
-    rows = np.unique(np.linspace(0, len(maps) - 1, min(sample, len(maps))).astype(int))
-    peaks = np.asarray(maps[rows], dtype=np.float32).max(axis=(1, 2))
-    return float(np.quantile(peaks, 0.99))
-
-
 class ImageScorer:
     """A fitted detector plus its scoring settings: ``score(images)`` -> scores and maps."""
 
     def __init__(self, detector_dir: str | Path, config: ScoringConfig):
-        from .methods import METHODS
-
         if config.method not in METHODS:
             raise DefectflowError(f"unknown method {config.method!r} in the scoring settings")
         self.config = config
@@ -143,7 +72,7 @@ class ImageScorer:
         An unreadable file raises DefectflowError naming it.
         """
         with tempfile.TemporaryDirectory(prefix="defectflow-score-") as tmp:
-            paths, names = _image_files(images, Path(tmp))
+            paths, names = materialize_images(images, Path(tmp))
             if not paths:
                 return verdict_frame([], [], self.config.threshold, [])
             scores, maps = self._score_files(paths, Path(tmp))
@@ -167,8 +96,6 @@ class ImageScorer:
         temporary feature store: scorers sharing one ``work`` folder and the same feature
         settings reuse one extraction (the store is content-addressed).
         """
-        from .patches import plan_patches
-
         cfg = self.config
         manifest = _manifest(paths, cfg.category)
         # The pipeline's own patch planning; new images carry no annotation file.
@@ -179,14 +106,15 @@ class ImageScorer:
         features = dict(backbone=cfg.backbone, layers=cfg.layers, input_size=cfg.input_size,
                         batch_size=cfg.batch_size, device=cfg.device)
         batch = new_images_batch(manifest, patches, features, cfg.stats, work / "cache",
-                                 with_features=cfg.method in FEATURE_METHODS)
+                                 with_features=type(self.detector).reads_features)
         patch_maps = np.zeros((len(batch), cfg.input_size, cfg.input_size), dtype=np.float16)
         patch_scores = score_pieces(self.detector, batch, patch_maps)
         return manifest, patches, patch_scores, patch_maps.astype(np.float32)
 
 
-def _image_files(images, work: Path) -> tuple[list[str], list[str]]:
-    """(file paths to score, display names): arrays are written to lossless PNGs first."""
+def materialize_images(images, work: Path) -> tuple[list[str], list[str]]:
+    """(file paths to score, display names) of ``images`` (see ``ImageScorer.score``):
+    arrays are written to lossless PNGs in ``work`` first."""
     if isinstance(images, pd.DataFrame):
         if "path" not in images.columns:
             raise DefectflowError(f"expected a DataFrame with a 'path' column, got columns "
@@ -229,46 +157,10 @@ def _manifest(paths: list[str], category: str) -> pd.DataFrame:
 
 def _image_map(maps: np.ndarray, windows: pd.DataFrame, width: int, height: int) -> np.ndarray:
     """One image's anomaly map at its own resolution: one window resized, or windows stitched."""
-    from .stitching import stitch
-
     boxes = list(windows[["x", "y", "width", "height"]].itertuples(index=False, name=None))
     if len(boxes) == 1 and boxes[0] == (0, 0, width, height):
         return cv2.resize(maps[0], (width, height), interpolation=cv2.INTER_LINEAR)
     return stitch(maps, boxes, width, height)
-
-
-def write_model_folder(folder: str | Path, detector_dir: str | Path,
-                       config: ScoringConfig) -> Path:
-    """Lay out a self-contained model folder: ``detector/`` (a copy) and ``scoring.json``."""
-    import shutil
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(detector_dir, folder / "detector", dirs_exist_ok=True)
-    config.save(folder / CONFIG_NAME)
-    return folder
-
-
-def write_fusion_model_folder(folder: str | Path, fusion_dir: str | Path,
-                              detectors: dict[str, tuple[str | Path, ScoringConfig]]) -> Path:
-    """A self-contained fusion model folder: ``detectors/<method>/`` (``write_model_folder``
-    of each fused detector: ``method -> (detector dir, scoring settings)``) and ``fusion/``
-    (forest, segment map and fusion settings from the pipeline's fusion folder)."""
-    import shutil
-
-    folder = Path(folder)
-    fusion_dir = Path(fusion_dir)
-    config = FusionConfig.load(fusion_dir / FUSION_CONFIG_NAME)
-    missing = sorted(set(config.detectors) - set(detectors))
-    if missing:
-        raise DefectflowError(f"the fusion needs detectors {missing} to be packed", fusion_dir)
-    (folder / "fusion").mkdir(parents=True, exist_ok=True)
-    for name in (FOREST_NAME, SEGMENTS_NAME, FUSION_CONFIG_NAME):
-        shutil.copy2(fusion_dir / name, folder / "fusion" / name)
-    for method in config.detectors:
-        detector_dir, scoring = detectors[method]
-        write_model_folder(folder / "detectors" / method, detector_dir, scoring)
-    return folder
 
 
 class FusionScorer:
@@ -277,7 +169,7 @@ class FusionScorer:
     is the forest's margin, the map ``fused_map`` resized to the image."""
 
     def __init__(self, folder: str | Path):
-        from xgboost import XGBClassifier
+        from xgboost import XGBClassifier  # heavy: only a served fusion loads it
 
         folder = Path(folder)
         self.config = FusionConfig.load(folder / "fusion" / FUSION_CONFIG_NAME)
@@ -302,10 +194,8 @@ class FusionScorer:
 
     def score(self, images) -> pd.DataFrame:
         """Score images (as ``ImageScorer.score`` takes them); one row per image, in order."""
-        from . import fusion as segad
-
         with tempfile.TemporaryDirectory(prefix="defectflow-fuse-") as tmp:
-            paths, names = _image_files(images, Path(tmp))
+            paths, names = materialize_images(images, Path(tmp))
             if not paths:
                 return verdict_frame([], [], self.config.threshold, [])
             maps, manifest = [], None

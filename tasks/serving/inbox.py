@@ -24,6 +24,7 @@ pyfunc's ``predict``), so this module imports neither MLflow nor Prefect.
 from __future__ import annotations
 
 import csv
+import fcntl
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import DefectflowError
-from .images import IMAGE_SUFFIXES, file_hash, read_image
+from ..errors import DefectflowError
+from ..images import IMAGE_SUFFIXES, file_hash, read_image
 
 RESULT_COLUMNS = ["image", "score", "threshold", "verdict", "model", "model_version", "time",
                   "sha256", "map", "overlay", "done"]
@@ -132,8 +133,6 @@ class _Lock:
         self.handle = None
 
     def __enter__(self) -> bool:
-        import fcntl
-
         self.handle = open(self.path, "w")
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -191,7 +190,7 @@ def score_inbox(inbox: str | Path, out: str | Path,
 def _record(path: Path, digest: str, result, inbox: Path, out: Path, results: Path,
             model: str, model_version: str, map_vmax: float | None) -> dict:
     """Write one image's map and overlay, append its row, then move it to done/."""
-    from .evaluation import save_overlay
+    from ..evaluation import save_overlay  # matplotlib: loaded once an image is scored
 
     stem = _output_stem(out, path.stem)
     anomaly_map = np.asarray(result.anomaly_map, dtype=np.float32)

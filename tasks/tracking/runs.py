@@ -1,0 +1,146 @@
+"""The run layout of one pipeline invocation: a parent run (data tables, step cache report,
+plots, comparison), one child run per (category, method) detector and one per category's
+SegAD fusion, then the registry (``params.registry``) and the run's summary.
+
+Cached steps log nothing themselves, so everything is logged here from the steps' outputs
+on disk: a rerun from cache records the same results in its own parent run, together with
+which steps it reused.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from ..params import flatten
+from ..results import (CategoryPlots, ComparisonRow, DetectorResult, FusionResult,
+                       PipelineSummary)
+from .client import Tracker
+from .registry import TrackedRun, register_detectors, register_fusions
+
+
+def record_pipeline(params, scanned, properties, results: list[DetectorResult],
+                    step_rows: list[dict], seconds: float,
+                    fusions: list[FusionResult] | None = None,
+                    plots: list[CategoryPlots] | None = None) -> PipelineSummary:
+    """Log one pipeline invocation: parent run (data tables, step cache report), one child
+    run per (category, method) with its metrics, plots, overlays and fitted detector, one
+    per category's fusion; register the models when ``params.registry.enabled``."""
+    experiment = params.tracking.experiment or params.dataset_name
+    tracker = Tracker(params.tracking.resolved_uri(), experiment)
+    steps = pd.DataFrame(step_rows)
+    all_cached = bool(len(steps)) and bool((steps["status"] == "cached").all())
+    base_tags = {"dataset": params.dataset_name, "backbone": params.features.backbone}
+    parent = tracker.start_parent(f"{params.dataset_name}-pipeline", flatten(params),
+                                  {**base_tags, "all_steps_cached": str(all_cached)})
+    rows: list[ComparisonRow] = []
+    tracked: list[TrackedRun] = []  # detectors and fusions to register (params.registry)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        _log_data(tracker, parent, scanned, properties, steps, work)
+        for result in results:
+            tracked.append(_log_detector(tracker, params, base_tags, result))
+            rows.append(ComparisonRow(result.category, result.method, tracked[-1].run_id,
+                                      tracked[-1].metrics))
+        for fused in fusions or []:
+            tracked.append(_log_fusion(tracker, params, base_tags, fused))
+            rows.append(_fusion_row(tracked[-1]))
+        for plotted in plots or []:  # per category: curves, defect-type bars, t-SNE
+            if any(Path(plotted.plots.path).iterdir()):
+                tracker.log_folder(parent, plotted.plots.path, f"plots/{plotted.category}")
+        tracker.log_table(parent, pd.DataFrame([row.row() for row in rows]), "comparison.csv",
+                          work)
+        tracker.log_metrics(parent, {"total_seconds": seconds})
+    registered = []
+    if params.registry.enabled:  # model registry (off by default): see register_detectors
+        registered = (register_detectors(tracker, params, tracked)
+                      + register_fusions(tracker, params, tracked))
+    tracker.finish(parent)
+    return PipelineSummary(experiment=experiment, experiment_id=tracker.experiment_id,
+                           parent_run_id=parent, all_steps_cached=all_cached,
+                           results=tuple(rows), total_seconds=seconds,
+                           registered=tuple(registered))
+
+
+def _log_data(tracker: Tracker, parent: str, scanned, properties, steps: pd.DataFrame,
+              work: Path) -> None:
+    """The parent run's data tables and counts: manifest, counts, image-property clusters,
+    steps (ran or cached) and skipped images."""
+    manifest = scanned.manifest.table()
+    tracker.log_table(parent, manifest, "manifest.parquet", work)
+    tracker.log_table(parent, scanned.counts.table(), "counts.csv", work)
+    tracker.log_table(parent, properties.table(), "categories.csv", work)
+    tracker.log_table(parent, steps, "steps.csv", work)
+    if scanned.skipped:
+        tracker.log_table(parent, pd.DataFrame(scanned.skipped, columns=["path", "reason"]),
+                          "skipped_images.csv", work)
+    tracker.log_metrics(parent, {"n_images": len(manifest),
+                                 "n_skipped_images": len(scanned.skipped),
+                                 "steps_cached": int((steps["status"] == "cached").sum()),
+                                 "steps_total": len(steps)})
+
+
+def _log_detector(tracker: Tracker, params, base_tags: dict, result: DetectorResult
+                  ) -> TrackedRun:
+    """One (category, method) child run: its settings, metrics (training curves by step),
+    evaluation files, overlays and fitted detector."""
+    evaluation = Path(result.evaluation.path)
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    tags = {**base_tags, "category": result.category, "method": result.method}
+    child_params = {**flatten(params),
+                    **{f"method.{k}": v for k, v in result.method_params.items()},
+                    "normalization.mean": result.normalization["mean"],
+                    "normalization.std": result.normalization["std"],
+                    "feature_store_key": result.features.key}
+    child = tracker.start_child(f"{result.category}-{result.method}", child_params, tags)
+    tracker.log_metrics(child, metrics)
+    history_path = Path(result.model.path) / "history.json"
+    if history_path.is_file():  # training curves: one metric per epoch, by step
+        for name, values in json.loads(history_path.read_text()).items():
+            for step, value in enumerate(values):
+                tracker.log_metrics(child, {name: value}, step=step)
+    for name in ("metrics.json", "roc.png", "scores.csv"):
+        tracker.log_file(child, evaluation / name)
+    if any((evaluation / "overlays").iterdir()):
+        tracker.log_folder(child, evaluation / "overlays", "overlays")
+    tracker.log_folder(child, result.model.path, "model")
+    tracker.finish(child)
+    return TrackedRun(result, child, metrics)
+
+
+def _log_fusion(tracker: Tracker, params, base_tags: dict, fused: FusionResult) -> TrackedRun:
+    """One category's fusion child run: per-seed metrics by step, the summary's numbers and
+    the fusion's tables."""
+    folder = Path(fused.fusion.path)
+    summary = json.loads((folder / "summary.json").read_text())
+    tags = {**base_tags, "category": fused.category, "method": "segad_fusion",
+            "fusion_mode": summary.get("mode", "supervised")}
+    child = tracker.start_child(f"{fused.category}-segad_fusion",
+                                {**flatten(params), "fusion.detectors": summary["detectors"]},
+                                tags)
+    per_seed = pd.read_csv(folder / "per_seed.csv")
+    for row in per_seed.itertuples(index=False):  # one step per seed
+        tracker.log_metrics(child, {"seed_image_auroc": row.image_auroc,
+                                    "seed_image_aupr": row.image_aupr}, step=int(row.seed))
+    tracker.log_metrics(child, _numeric(summary))
+    for name in ("per_seed.csv", "scores.csv", "summary.json"):
+        tracker.log_file(child, folder / name)
+    tracker.finish(child)
+    return TrackedRun(fused, child, summary)
+
+
+def _numeric(values: dict) -> dict:
+    return {k: v for k, v in values.items() if isinstance(v, (int, float))}
+
+
+def _fusion_row(tracked: TrackedRun) -> ComparisonRow:
+    """A fusion in the comparison: its image AUROC (mean and std over seeds) and each
+    detector's anomaly-map maximum alone on the same images."""
+    numeric = _numeric(tracked.metrics)
+    return ComparisonRow(tracked.result.category, "segad_fusion", tracked.run_id, {
+        "image_auroc": numeric.get("image_auroc_mean"),
+        "image_auroc_std": numeric.get("image_auroc_std"),
+        **{k: v for k, v in numeric.items() if k.endswith("image_score_auroc_mean")}})
