@@ -9,7 +9,7 @@ size) plus the decision threshold chosen on held-out good images.
 pipeline's own code: ``patches.plan_patches`` for the windows,
 ``scoring.new_images_batch`` for the detector's input (backbone features into a
 temporary store) and ``scoring.score_pieces`` for ``Detector.score``.
-An image's score is the maximum over its patches, as in ``steps.image_scores``.
+An image's score is the maximum over its patches, as in ``evaluation.image_scores``.
 
 A registered SegAD fusion (``tracking.register_fusions``) is a folder with each fused
 detector's model folder under ``detectors/<method>/`` and the fusion's files under
