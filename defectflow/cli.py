@@ -68,6 +68,7 @@ SUMMARY_COLUMNS = ("image_auroc", "pixel_auroc", "f1_max", "accuracy")
 
 
 def print_summary(summary: dict) -> None:
+    # Imported here, as the CLI's other project imports: pandas is not paid for by --help.
     from defectflow.tasks.evaluation import COLUMN_TITLES, comparison_table, format_table
 
     detectors = [r for r in summary["results"] if r["method"] != "segad_fusion"]

@@ -1,8 +1,8 @@
 """Overlay figures of anomaly maps on their images, and which test images to draw.
 
-``save_overlay`` draws one image; ``save_overlays`` and ``save_full_image_figures`` draw
-an evaluation's chosen test images from a score folder's maps (whole images or patches,
-and stitched windows of large images).
+``save_overlay`` draws one image (or patch), ``full_image_figure`` one large image with
+its stitched map (thesis Fig. 6.3); ``save_overlays`` and ``save_full_image_figures`` draw
+an evaluation's chosen test images from a score folder's maps.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from matplotlib.figure import Figure
 
 from ..errors import DefectflowError
 from ..images import read_image, read_mask
-from ..stitching import full_image_figure
 from .localization import stitched_map
 from .metrics import labels_and_scores
 from .plots import save_figure
+
+DISPLAY_MAX_SIDE = 1024  # larger images are downscaled for the full-image figure
+_EXCLUDED_GREY = 0.6
 
 
 def pick_overlay_examples(labels: np.ndarray, scores: np.ndarray, n: int = 6) -> list[int]:
@@ -104,16 +106,8 @@ def save_overlay(
     heat = colormaps["jet"](np.clip((anomaly_map - low) / (high - low), 0, 1))[..., :3]
     overlay = 0.5 * image / 255.0 + 0.5 * heat
 
-    figure = Figure(figsize=(16, 4.4), dpi=100)
-    FigureCanvasAgg(figure)
-    panels = figure.subplots(1, 4)
-    panels[0].imshow(image)
-    panels[0].set_title("image")
-    panels[1].imshow(mask, cmap="gray", vmin=0, vmax=1)
-    panels[1].set_title("ground truth" if mask_or_none is not None else "ground truth (none)")
-    shown = panels[2].imshow(anomaly_map, cmap="jet", vmin=low, vmax=high)
-    panels[2].set_title("anomaly map")
-    figure.colorbar(shown, ax=panels[2], fraction=0.046, pad=0.04)
+    figure, panels = _four_panels(4.4, image, mask, mask_or_none is not None, anomaly_map,
+                                  "jet", low, high, "anomaly map")
     panels[3].imshow(overlay)
     if mask.any():
         panels[3].contour(mask, levels=[0.5], colors="white", linewidths=1)
@@ -178,3 +172,112 @@ def save_full_image_figures(folder: Path, test: pd.DataFrame, test_patches: pd.D
                           folder / f"{image_id.replace('/', '_')}.png",
                           title=f"{image_id}  score {test['score'].iloc[pick]:.3f}",
                           vmin=0.0, vmax=vmax)
+
+
+def _four_panels(height: float, image: np.ndarray, mask: np.ndarray, has_truth: bool,
+                 shown_map, cmap, low: float, high: float, map_title: str):
+    """A 16-inch wide figure of four panels, the first three drawn: image, ground truth,
+    anomaly map with its colour bar. Returns (figure, panels); the fourth is the caller's."""
+    figure = Figure(figsize=(16, height), dpi=100)
+    FigureCanvasAgg(figure)
+    panels = figure.subplots(1, 4)
+    panels[0].imshow(image)
+    panels[0].set_title("image")
+    panels[1].imshow(mask, cmap="gray", vmin=0, vmax=1)
+    panels[1].set_title("ground truth" if has_truth else "ground truth (none)")
+    drawn = panels[2].imshow(shown_map, cmap=cmap, vmin=low, vmax=high)
+    panels[2].set_title(map_title)
+    figure.colorbar(drawn, ax=panels[2], fraction=0.046, pad=0.04)
+    return figure, panels
+
+
+def _display_scale(height: int, width: int, max_side: int) -> tuple[int, int] | None:
+    """(width, height) to show the image at, or None when it is small enough already."""
+    if max(height, width) <= max_side:
+        return None
+    scale = max_side / max(height, width)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _shrink_bool(mask: np.ndarray, size: tuple[int, int] | None, any_pixel: bool) -> np.ndarray:
+    """Downscaled bool mask: a cell is True when any (or most) of its pixels are."""
+    if size is None:
+        return mask
+    area = cv2.resize(mask.astype(np.uint8) * 255, size, interpolation=cv2.INTER_AREA)
+    return area > 0 if any_pixel else area >= 128
+
+
+def _shrink_map(stitched_map: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """Downscaled map that averages the covered pixels only (NaN where most are uncovered)."""
+    if size is None:
+        return stitched_map
+    valid = ~np.isnan(stitched_map)
+    values = cv2.resize(np.where(valid, stitched_map, 0).astype(np.float32), size,
+                        interpolation=cv2.INTER_AREA)
+    weight = cv2.resize(valid.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+    shown = np.full(values.shape, np.nan, dtype=np.float32)
+    np.divide(values, weight, out=shown, where=weight >= 0.5)
+    return shown
+
+
+def full_image_figure(image: np.ndarray, mask: np.ndarray | None, stitched_map: np.ndarray,
+                      excluded: np.ndarray | None, path: str | Path, title: str,
+                      vmin: float | None = None, vmax: float | None = None,
+                      max_side: int = DISPLAY_MAX_SIDE) -> Path:
+    """Write a PNG with four panels, as the thesis' Fig. 6.3: image, ground truth,
+    anomaly map (excluded regions grey and hatched, uncovered ones grey), overlay.
+
+    Images larger than ``max_side`` are downscaled for display (the mask so
+    that a defect of one pixel stays visible). ``vmin``/``vmax`` fix the
+    colour scale (default: the map's range over covered pixels).
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise DefectflowError(
+            f"figure needs an RGB uint8 image, got {image.dtype} {image.shape}", path
+        )
+    height, width = image.shape[:2]
+    stitched_map = np.asarray(stitched_map, dtype=np.float32)
+    for name, array in (("anomaly map", stitched_map), ("mask", mask), ("excluded", excluded)):
+        if array is not None and np.shape(array) != (height, width):
+            raise DefectflowError(
+                f"{name} has shape {np.shape(array)}, the image is {(height, width)}", path
+            )
+
+    size = _display_scale(height, width, max_side)
+    shown_image = image if size is None else cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    shown_mask = (np.zeros(shown_image.shape[:2], dtype=bool) if mask is None
+                  else _shrink_bool(np.asarray(mask, dtype=bool), size, any_pixel=True))
+    shown_map = _shrink_map(stitched_map, size)
+    shown_excluded = (None if excluded is None
+                      else _shrink_bool(np.asarray(excluded, dtype=bool), size, any_pixel=False))
+
+    finite = shown_map[np.isfinite(shown_map)]
+    low = float(vmin) if vmin is not None else (float(finite.min()) if finite.size else 0.0)
+    high = float(vmax) if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+    if high <= low:  # flat map: any non-empty range shows it as one colour
+        high = low + 1e-12
+
+    colormap = colormaps["jet"].with_extremes(bad=str(_EXCLUDED_GREY))
+    valid = np.isfinite(shown_map)
+    heat = colormap(np.clip((np.nan_to_num(shown_map, nan=low) - low) / (high - low), 0, 1))
+    base = shown_image / 255.0
+    overlay = np.where(valid[..., None], 0.5 * base + 0.5 * heat[..., :3],
+                       0.5 * base + 0.5 * _EXCLUDED_GREY)
+
+    figure, panels = _four_panels(4.6, shown_image, shown_mask, mask is not None,
+                                  np.ma.masked_invalid(shown_map), colormap, low, high,
+                                  "anomaly map (grey: not inspected)")
+    panels[3].imshow(overlay)
+    panels[3].set_title("overlay")
+    if shown_excluded is not None and shown_excluded.any():
+        for panel in panels[2:]:  # hatch the excluded regions over the grey
+            panel.contourf(shown_excluded.astype(np.float32), levels=[0.5, 1.5], colors="none",
+                           hatches=["///"])
+    if shown_mask.any():
+        panels[3].contour(shown_mask, levels=[0.5], colors="white", linewidths=1)
+    for panel in panels:
+        panel.set_axis_off()
+    figure.suptitle(title)
+    figure.tight_layout()
+    return save_figure(figure, path)
