@@ -44,21 +44,26 @@ def main() -> int:
     parser.add_argument("--cache-dir", default=None, help="default: the params file's cache_dir")
     args = parser.parse_args()
 
-    from defectflow.tasks import scoring, steps
+    from _pipeline import category_features_without_prefect, prepare_without_prefect
+
+    from defectflow.tasks import scoring
+    from defectflow.tasks.cache import Ref
     from defectflow.tasks.images import text_hash
     from defectflow.tasks.methods import METHODS
     from defectflow.tasks.params import load_params, method_params
+    from defectflow.tasks.steps import evaluate_step, score_step
+    from defectflow.tasks.steps.common import category_rows, image_paths
 
     p = load_params(args.params, {"features.input_size": args.input_size})
-    scanned, patches, cache = steps.prepare_without_prefect(p, args.cache_dir)
+    scanned, patches, cache = prepare_without_prefect(p, args.cache_dir)
     manifest = scanned.manifest.table()
     rows = []
     for category in sorted(manifest["category"].unique()):
-        stats, store = steps.category_features_without_prefect(p, scanned, patches, category,
-                                                               cache)
-        table = steps._category_rows(patches, category)
+        stats, store = category_features_without_prefect(p, scanned, patches, category, cache)
+        table = category_rows(patches, category)
         train = scoring.patch_set(store, table, (table["split"] == "train").to_numpy(),
-                                 scanned.manifest, args.input_size, stats, p.features.device)
+                                 image_paths(scanned.manifest), args.input_size, stats,
+                                 p.features.device)
         for variant, options in VARIANTS.items():
             params = method_params("patchcore", {**p.methods.get("patchcore", {}),
                                                  "coreset_ratio": args.ratio, **options},
@@ -70,13 +75,12 @@ def main() -> int:
             model_dir = Path(cache) / "bench" / "coreset_quality" / f"{category}-{variant[:9]}"
             detector.save(model_dir)
             (model_dir / "train_defects.json").write_text("[]")  # as train_step writes it
-            model = steps.Ref(str(model_dir), text_hash("coreset_quality", category, variant,
-                                                      json.dumps(params.__dict__, default=str),
-                                                      store.key))
-            scores = steps.score_step(model, store, patches, scanned.manifest, category,
-                                      "patchcore", args.input_size, stats, cache,
-                                      p.features.device)
-            evaluated = steps.evaluate_step(scores, scanned.manifest, category, 0.99, 0, cache)
+            model = Ref(str(model_dir), text_hash("coreset_quality", category, variant,
+                                                json.dumps(params.__dict__, default=str),
+                                                store.key))
+            scores = score_step(model, store, patches, scanned.manifest, category, "patchcore",
+                                args.input_size, stats, cache, p.features.device)
+            evaluated = evaluate_step(scores, scanned.manifest, category, 0.99, 0, cache)
             metrics = json.loads((Path(evaluated.path) / "metrics.json").read_text())
             rows.append((category, variant, len(detector.memory_bank), detector.fit_seconds["coreset"],
                          fit_s, metrics["image_auroc"], metrics.get("pixel_auroc")))

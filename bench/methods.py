@@ -36,22 +36,26 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", help="default: the params file's methods")
     args = parser.parse_args()
 
-    from defectflow.tasks import scoring, steps
+    from _pipeline import category_features_without_prefect, prepare_without_prefect
+
+    from defectflow.tasks import scoring
     from defectflow.tasks.evaluation import image_metrics
     from defectflow.tasks.methods import METHODS
     from defectflow.tasks.params import load_params, method_params
+    from defectflow.tasks.steps import labelled_defects
+    from defectflow.tasks.steps.common import category_rows, image_paths
 
     p = load_params(args.params)
-    scanned, patches, cache = steps.prepare_without_prefect(p)
+    scanned, patches, cache = prepare_without_prefect(p)
     manifest = scanned.manifest.table()
+    paths = image_paths(scanned.manifest)
     rows = []
     for category in sorted(manifest["category"].unique()):
         start = time.perf_counter()
-        stats, store = steps.category_features_without_prefect(p, scanned, patches, category,
-                                                               cache)
+        stats, store = category_features_without_prefect(p, scanned, patches, category, cache)
         print(f"[{category}] features ready in {time.perf_counter() - start:.1f} s "
               "(0 when cached)", flush=True)
-        table = steps._category_rows(patches, category)
+        table = category_rows(patches, category)
         for method in args.methods or list(p.methods):
             options = p.methods.get(method, {})
             params = method_params(method, options, p.features.layers)
@@ -59,14 +63,13 @@ def main() -> None:
             selected = (table["split"] == "train").to_numpy()
             defects = []
             if detector_cls.needs_labelled_defects:
-                defects = steps.labelled_defects(manifest, category, params.n_defective,
-                                                 params.seed)
+                defects = labelled_defects(manifest, category, params.n_defective, params.seed)
                 selected = selected | table["image_id"].isin(defects).to_numpy()
-            train = scoring.patch_set(store, table, selected, scanned.manifest,
+            train = scoring.patch_set(store, table, selected, paths,
                                      p.features.input_size, stats, p.features.device)
             test = scoring.patch_set(store, table, ((table["split"] == "test")
                                                    & ~table["image_id"].isin(defects)).to_numpy(),
-                                    scanned.manifest, p.features.input_size, stats,
+                                    paths, p.features.input_size, stats,
                                     p.features.device)
             start = time.perf_counter()
             detector = detector_cls(params).fit(train)

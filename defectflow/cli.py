@@ -50,28 +50,31 @@ def _parse_overrides(items: list[str]) -> dict:
     return overrides
 
 
+# The detectors' columns of the run summary, after category and method.
+SUMMARY_COLUMNS = ("image_auroc", "pixel_auroc", "f1_max", "accuracy")
+
+
 def print_summary(summary: PipelineSummary) -> None:
+    # Imported here, as the CLI's other project imports: pandas is not paid for by --help.
+    from defectflow.tasks.evaluation import COLUMN_TITLES, comparison_table, format_table
+    from defectflow.tasks.params import FUSION_METHOD
+
+    detectors = [r.row() for r in summary.results if r.method != FUSION_METHOD]
+    fused = [r for r in summary.results if r.method == FUSION_METHOD]
     print()
-    print(f"{'category':<16} {'method':<12} {'image AUROC':>11} {'pixel AUROC':>11} "
-          f"{'F1-max':>7} {'accuracy':>8}")
-    fused = [r for r in summary.results if r.method == "segad_fusion"]
-    for r in summary.results:
-        if r.method == "segad_fusion":
-            continue
-        m = r.metrics
-        pixel = m.get("pixel_auroc")
-        pixel_text = f"{pixel:11.4f}" if pixel is not None and pixel == pixel else f"{'-':>11}"
-        print(f"{r.category:<16} {r.method:<12} {m['image_auroc']:11.4f} {pixel_text} "
-              f"{m['f1_max']:7.4f} {m.get('accuracy', float('nan')):8.4f}")
+    if detectors:
+        print(format_table(comparison_table(detectors, columns=SUMMARY_COLUMNS), digits=4,
+                           titles=COLUMN_TITLES))
     if fused:
         print("\nSegAD fusion: image AUROC, mean ± std over seeds, on the images the fusion did "
-              "not train on\n(in brackets: each detector's anomaly-map maximum alone, "
-              "on the same images)")
-        for r in fused:
-            alone = ", ".join(f"{k.split('.')[0]} {v:.4f}" for k, v in sorted(r.metrics.items())
-                              if k.endswith("image_score_auroc_mean"))
-            print(f"{r.category:<16} fusion {r.metrics['image_auroc']:.4f} ± "
-                  f"{r.metrics.get('image_auroc_std') or 0:.4f}   ({alone})")
+              "not train on\n(<detector> alone: its anomaly-map maximum alone, on the same "
+              "images)")
+        rows = [{"category": r.category, "method": r.method,
+                 "image_auroc": r.metrics["image_auroc"],
+                 "image_auroc_std": r.metrics.get("image_auroc_std"),
+                 **{f"{k.split('.')[0]} alone": v for k, v in sorted(r.metrics.items())
+                    if k.endswith("image_score_auroc_mean")}} for r in fused]
+        print(format_table(comparison_table(rows), digits=4, titles=COLUMN_TITLES))
     print(f"\nMLflow: experiment {summary.experiment!r}, run {summary.parent_run_id}"
           f"{'  (every step cached)' if summary.all_steps_cached else ''}")
     for r in summary.registered:  # params.registry.enabled

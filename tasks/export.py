@@ -18,7 +18,6 @@ manifest reuses it and an interrupted export never looks finished.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from .datasets import GOOD
+from .cache import written_folder
 from .errors import DefectflowError
 from .images import read_image, read_mask, text_hash
 
@@ -76,13 +76,20 @@ def export_mvtec(manifest: pd.DataFrame, out_dir: str | Path, category: str) -> 
     key = text_hash(EXPORT_VERSION, category,
                     *(f"{row.content_hash}:{target}" for row, target in plan))[:12]
     root = Path(out_dir) / f"{category}-{key}"
-    final = root / category
-    if (root / "export.json").is_file():
-        return final
-    partial = Path(out_dir) / f"{category}-{key}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
+    with written_folder(root) as out:
+        if out.missing:
+            _write_export(out.partial / category, plan)
+            counts = rows.groupby(["split", "defect_type"]).size()
+            (out.partial / "export.json").write_text(json.dumps(
+                {"version": EXPORT_VERSION, "category": category, "key": key,
+                 "counts": {f"{s}/{d}": int(n) for (s, d), n in counts.items()}}, indent=1))
+    return root / category
+
+
+def _write_export(folder: Path, plan: list) -> None:
+    """The images (PNG) and the defective test images' masks (0/255) under ``folder``."""
     for row, target in plan:
-        image_path = partial / category / target
+        image_path = folder / target
         image_path.parent.mkdir(parents=True, exist_ok=True)
         if Path(row.path).suffix.lower() == ".png":
             shutil.copyfile(row.path, image_path)
@@ -90,20 +97,11 @@ def export_mvtec(manifest: pd.DataFrame, out_dir: str | Path, category: str) -> 
             # read_image returns RGB; OpenCV writes BGR.
             cv2.imwrite(str(image_path), cv2.cvtColor(read_image(row.path), cv2.COLOR_RGB2BGR))
         if row.split == "test" and row.label != 0:
-            mask_path = (partial / category / "ground_truth" / row.defect_type
+            mask_path = (folder / "ground_truth" / row.defect_type
                          / f"{Path(target).stem}_mask.png")
             mask_path.parent.mkdir(parents=True, exist_ok=True)
             mask = read_mask(row.mask_path, expected_hw=(int(row.height), int(row.width)))
             cv2.imwrite(str(mask_path), mask.astype(np.uint8) * 255)
-    counts = rows.groupby(["split", "defect_type"]).size()
-    (partial / "export.json").write_text(json.dumps(
-        {"version": EXPORT_VERSION, "category": category, "key": key,
-         "counts": {f"{s}/{d}": int(n) for (s, d), n in counts.items()}}, indent=1))
-    if root.exists():  # another process finished the same export first: keep theirs
-        shutil.rmtree(partial, ignore_errors=True)
-    else:
-        partial.rename(root)
-    return final
 
 
 def _target(row) -> str:

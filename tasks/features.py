@@ -12,8 +12,6 @@ complete, so an interrupted run never leaves a store that looks finished.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import cores
+from .cache import cached_folder
 from .images import text_hash
 from .patches import iter_patch_pixels
 
@@ -203,13 +202,27 @@ def extract_features(patch_table: pd.DataFrame, manifest: pd.DataFrame, *, backb
     # batch norms folded into the convolutions save one pass over every activation.
     model = fold_batchnorm(load_backbone(backbone, layers, device=device))
     model = model.to(memory_format=torch.channels_last)
-    final = Path(cache_dir) / "features" / key
-    partial = final.with_name(f"{key}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    with cached_folder(cache_dir, "features", key) as out:
+        if out.missing:
+            _write_feature_maps(out.partial, model, patch_table, paths, layers, input_size,
+                                batch_size, mean, std, device, denoise,
+                                desc=f"features {backbone}" if progress else None)
+            patch_table[["patch_id", "image_id"]].to_parquet(out.partial / "patches.parquet")
+            (out.partial / "meta.json").write_text(json.dumps(
+                {"key": key, "backbone": backbone, "layers": list(layers),
+                 "input_size": input_size, "mean": list(mean), "std": list(std),
+                 "denoise": denoise, "count": len(patch_table)}, indent=1))
+    return open_store(cache_dir, key)
+
+
+def _write_feature_maps(folder: Path, model, patch_table: pd.DataFrame, paths: dict[str, str],
+                        layers: tuple, input_size: int, batch_size: int, mean, std,
+                        device: str, denoise: dict | None, desc: str | None) -> None:
+    """Every patch's maps of every layer, streamed into ``<folder>/<layer>.npy`` (float16);
+    a progress bar titled ``desc`` unless it is None."""
     count = len(patch_table)
     outputs: dict[str, np.ndarray] = {}
-    bar = tqdm(total=count, desc=f"features {backbone}", unit="patch", disable=not progress)
+    bar = tqdm(total=count, desc=desc, unit="patch", disable=desc is None)
     with torch.inference_mode():
         # Decoding and resizing run in a background thread; normalization on the device.
         batches = iter_pixel_batches(patch_table, paths, input_size, batch_size, denoise)
@@ -221,20 +234,10 @@ def extract_features(patch_table: pd.DataFrame, manifest: pd.DataFrame, *, backb
                 if layer not in outputs:
                     # Streamed into an on-disk array: memory stays bounded by one batch.
                     outputs[layer] = np.lib.format.open_memmap(
-                        partial / f"{_safe(layer)}.npy", mode="w+", dtype=np.float16,
+                        folder / f"{_safe(layer)}.npy", mode="w+", dtype=np.float16,
                         shape=(count, *fmap.shape[1:]))
                 outputs[layer][positions] = fmap
             bar.update(len(positions))
     bar.close()
     for array in outputs.values():
         array.flush()
-    del outputs
-    patch_table[["patch_id", "image_id"]].to_parquet(partial / "patches.parquet")
-    (partial / "meta.json").write_text(json.dumps(
-        {"key": key, "backbone": backbone, "layers": list(layers), "input_size": input_size,
-         "mean": list(mean), "std": list(std), "denoise": denoise, "count": count}, indent=1))
-    if final.exists():  # another process finished the same key first: keep theirs
-        shutil.rmtree(partial, ignore_errors=True)
-    else:
-        partial.rename(final)
-    return open_store(cache_dir, key)

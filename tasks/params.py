@@ -77,6 +77,10 @@ class EvaluationParams(_Strict):
     tsne_points: int = Field(300, ge=0)  # images in the t-SNE plot (seeded sample); 0: none
 
 
+#: The method name of the SegAD fusion's runs, registered models and comparison rows.
+FUSION_METHOD = "segad_fusion"
+
+
 class FusionParams(_Strict):
     """SegAD fusion of the detectors' anomaly maps (needs two or more methods)."""
 

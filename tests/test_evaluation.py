@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -159,3 +161,14 @@ def test_save_overlay_writes_a_png(tmp_path):
     _assert_png(save_overlay(image, None, np.zeros((24, 32)), tmp_path / "b.png", "flat"), 800)
     with pytest.raises(DefectflowError, match="mask shape"):
         save_overlay(image, mask[:10], small_map, tmp_path / "c.png", "c")
+
+
+def test_the_steps_import_neither_scikit_learn_nor_matplotlib():
+    # A rerun served from cache imports only what the steps import at the top; the
+    # evaluation's names load their modules (scikit-learn, matplotlib) on first use.
+    code = ("import sys, defectflow.flows.pipeline, defectflow.tasks.evaluation as e; "
+            "e.comparison_table; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'matplotlib'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

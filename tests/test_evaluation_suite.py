@@ -16,12 +16,11 @@ from scipy import ndimage
 
 from defectflow.tasks.errors import DefectflowError
 from defectflow.tasks.evaluation import (
+    COLUMN_TITLES,
     aupro,
     comparison_table,
     format_table,
     fpr_at_tpr,
-    mask_iou,
-    merge_masks,
     per_defect_type_auroc,
     plot_curves,
     plot_defect_type_bars,
@@ -316,20 +315,6 @@ def test_fpr_at_tpr_by_hand():
         fpr_at_tpr(labels, scores, tpr=0.0)
 
 
-def test_mask_iou_by_hand():
-    mask = np.array([[1, 1, 0], [0, 0, 0]], dtype=bool)
-    scores = np.array([[0.9, 0.2, 0.8], [0.1, 0.1, 0.1]])
-    # Flagged: (0,0), (0,2). Intersection 1, union 3.
-    assert mask_iou([mask], [scores], 0.5) == pytest.approx(1 / 3)
-    # Images without a mask are left out; an empty mask adds its false positives.
-    assert mask_iou([mask, None], [scores, np.ones((2, 3))], 0.5) == pytest.approx(1 / 3)
-    empty = np.zeros((2, 3), dtype=bool)
-    flagged_one = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 0.7]])
-    assert mask_iou([mask, empty], [scores, flagged_one], 0.5) == pytest.approx(1 / 4)
-    assert math.isnan(mask_iou([empty], [np.zeros((2, 3))], 0.5))
-    assert math.isnan(mask_iou([None], [np.zeros((2, 3))], 0.5))
-
-
 def test_per_defect_type_auroc_by_hand():
     labels = [0, 0, 0, 1, 1, 1]
     scores = [0.1, 0.4, 0.6, 0.5, 0.9, 0.3]
@@ -375,22 +360,26 @@ def test_comparison_table_sorts_and_orders_columns():
         comparison_table([])
 
 
-def test_merge_masks_is_the_union(tmp_path):
-    first, second = np.zeros((6, 8), np.uint8), np.zeros((6, 8), np.uint8)
-    first[0:2, 0:2] = 255
-    second[4:6, 5:8] = 255
-    cv2.imwrite(str(tmp_path / "000.png"), first)
-    cv2.imwrite(str(tmp_path / "001.png"), second)
-    merged = merge_masks([tmp_path / "000.png", tmp_path / "001.png"], (6, 8))
-    assert merged.dtype == bool
-    np.testing.assert_array_equal(merged, (first > 0) | (second > 0))
-    np.testing.assert_array_equal(merge_masks([tmp_path / "001.png"]), second > 0)
-
-    cv2.imwrite(str(tmp_path / "small.png"), np.zeros((3, 8), np.uint8))
-    with pytest.raises(DefectflowError, match="small.png"):
-        merge_masks([tmp_path / "000.png", tmp_path / "small.png"])
-    with pytest.raises(DefectflowError, match="no mask files"):
-        merge_masks([], (6, 8))
+def test_comparison_table_by_category_with_chosen_columns_and_titles():
+    # The CLI's summary: one row per (category, method), its columns, its headers.
+    rows = [
+        {"category": "b", "method": "padim", "image_auroc": 0.7, "accuracy": 0.6, "tp": 3},
+        {"category": "a", "method": "padim", "image_auroc": 0.6, "f1_max": 0.5},
+        {"category": "a", "method": "patchcore", "image_auroc": 0.9, "pixel_auroc": 0.8},
+    ]
+    columns = ("image_auroc", "pixel_auroc", "f1_max", "accuracy")
+    table = comparison_table(rows, columns=columns)
+    assert table.columns.tolist() == ["category", "method", *columns]
+    assert list(zip(table["category"], table["method"])) == [
+        ("a", "patchcore"), ("a", "padim"), ("b", "padim")]
+    lines = format_table(table, digits=4, titles=COLUMN_TITLES).splitlines()
+    assert lines[0].split() == ["category", "method", "image", "AUROC", "pixel", "AUROC",
+                                "F1-max", "accuracy"]
+    assert lines[2].split() == ["a", "patchcore", "0.9000", "0.8000", "-", "-"]
+    assert len({len(line) for line in lines[:2]}) == 1
+    # The same method in two categories is two rows; twice in one category is an error.
+    with pytest.raises(DefectflowError, match="a / padim"):
+        comparison_table(rows + [{"category": "a", "method": "padim"}])
 
 
 # ---------------------------------------------------------------------------- plots

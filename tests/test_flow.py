@@ -88,20 +88,21 @@ def test_run_trains_evaluates_tracks_and_reruns_from_cache(first_run, capsys):
 
 
 
-def test_benchmark_preparation_finds_the_pipelines_features(first_run):
+def test_benchmark_preparation_finds_the_pipelines_features(first_run, monkeypatch):
     """The benches prepare data without Prefect; they must hit the pipeline's feature store."""
     from mlflow.tracking import MlflowClient
 
-    from defectflow.tasks import steps
     from defectflow.tasks.params import load_params
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    from _pipeline import category_features_without_prefect, prepare_without_prefect
 
     tmp, _, params_path = first_run
     assert main(["run", str(params_path), "--quiet"]) == 0  # from cache after the first test
     params = load_params(params_path)
-    scanned, patches, cache = steps.prepare_without_prefect(params)
+    scanned, patches, cache = prepare_without_prefect(params)
     assert cache == params.cache_dir
-    stats, store = steps.category_features_without_prefect(params, scanned, patches,
-                                                           "product", cache)
+    stats, store = category_features_without_prefect(params, scanned, patches, "product", cache)
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("generated")
     logged = {r.data.params["feature_store_key"] for r in client.search_runs(

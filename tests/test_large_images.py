@@ -23,14 +23,10 @@ from defectflow.tasks.annotations import (
 )
 from defectflow.tasks.datasets import MANIFEST_COLUMNS, count_table, scan_dataset
 from defectflow.tasks.errors import DefectflowError
+from defectflow.tasks.evaluation.overlays import full_image_figure
 from defectflow.tasks.images import read_mask
 from defectflow.tasks.patches import annotated_windows, patch_windows, plan_patches
-from defectflow.tasks.stitching import (
-    covered_pixels,
-    full_image_figure,
-    image_score_from_patches,
-    stitch,
-)
+from defectflow.tasks.stitching import covered_pixels, image_score_from_patches, stitch
 
 BSDATA = Path("/work/shared/data/bsdata")
 

@@ -14,8 +14,9 @@ import pytest
 import yaml
 
 from conftest import add_defect, textured_image
-from defectflow.tasks import datasets, steps
+from defectflow.tasks import datasets
 from defectflow.tasks.errors import DefectflowError
+from defectflow.tasks.evaluation.localization import spro_metrics
 
 CONFIG = [
     {"defect_name": "blob", "pixel_value": 255, "saturation_threshold": 0.5,
@@ -119,16 +120,16 @@ def test_spro_of_the_evaluation_uses_the_saturation_thresholds(tmp_path):
     maps = np.zeros((2, 16, 16), np.float16)
     maps[0, 0, 0:5] = 1.0    # 5 of A's pixels
     maps[0, 10, 3:8] = 1.0   # 5 of B's pixels
-    assert steps._spro_metrics(patches, maps, manifest)["spro"] == pytest.approx(0.8171875)
+    assert spro_metrics(patches, maps, manifest)["spro"] == pytest.approx(0.8171875)
     # At half the resolution an absolute threshold shrinks with the pixels: 5 -> 1.25.
     small = maps[:, ::2, ::2].copy()
     half_patches = patches.assign(width=16, height=16)
-    value = steps._spro_metrics(half_patches, small, manifest)["spro"]
+    value = spro_metrics(half_patches, small, manifest)["spro"]
     assert 0 < value <= 1 and value != pytest.approx(0.8171875)
     # Without a defects config (no thresholds) there is no sPRO.
     plain = manifest.assign(defect_masks=[json.dumps([{"path": e["path"]} for e in entries]),
                                           None])
-    assert steps._spro_metrics(patches, maps, plain) == {}
+    assert spro_metrics(patches, maps, plain) == {}
 
 
 def test_loco_flow_end_to_end_with_one_class_fusion_and_plots(tmp_path, capsys):

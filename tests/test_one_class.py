@@ -15,8 +15,10 @@ import pytest
 from conftest import make_folder_dataset
 from defectflow.tasks import fusion as segad
 from defectflow.tasks import steps
+from defectflow.tasks.cache import Ref
 from defectflow.tasks.errors import DefectflowError
 from defectflow.tasks.params import DatasetParams, FeatureParams, FusionParams
+from defectflow.tasks.steps.fuse import maps_of
 
 METHODS = {"patchcore": {"coreset_ratio": 0.5, "layers": ["blocks.2", "blocks.4"]},
            "padim": {"layers": ["blocks.2", "blocks.4"]}}
@@ -120,7 +122,7 @@ def test_synthetic_images_are_scored_exactly_like_real_images(scored, tmp_path):
     real["image_id"] = [f"copy/{i}" for i in range(len(real))]
     real["split"] = "synthetic"
     real.to_parquet(tmp_path / "manifest.parquet", index=False)
-    fake = steps.Ref(str(tmp_path), "copies-of-real-test-images")
+    fake = Ref(str(tmp_path), "copies-of-real-test-images")
     for method in METHODS:
         ref = steps.synthetic_scores_step(s["models"][method], method, fake, "product",
                                           s["features"], s["stats"], s["cache"])
@@ -128,7 +130,7 @@ def test_synthetic_images_are_scored_exactly_like_real_images(scored, tmp_path):
         got_maps = np.load(Path(ref.path) / "anomaly_maps.npy")
         table = pd.read_parquet(Path(s["scores"][method].path) / "scores.parquet")
         ids = manifest[manifest["split"] == "test"].head(5)["image_id"].tolist()
-        expected_maps = steps._maps_of(s["scores"][method], table, ids)
+        expected_maps = maps_of(s["scores"][method], table, ids)
         expected = table.set_index("image_id").loc[ids, "score"].to_numpy()
         np.testing.assert_allclose(got["score"].to_numpy(), expected, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(got_maps.astype(np.float32),
@@ -170,7 +172,7 @@ def test_supervised_mode_results_are_the_protocol_as_before(scored):
     tables = {m: pd.read_parquet(Path(r.path) / "scores.parquet") for m, r in s["scores"].items()}
     ids = sorted(set.intersection(*(set(t["image_id"]) for t in tables.values())))
     detectors = sorted(tables)
-    maps = [steps._maps_of(s["scores"][m], tables[m], ids) for m in detectors]
+    maps = [maps_of(s["scores"][m], tables[m], ids) for m in detectors]
     frame = segad.feature_frame(maps, segad.grid_segments(64, 4), ids, detectors)
     labels = manifest.loc[ids, "label"].astype(int)
     splits = segad.supervised_splits(ids, labels.tolist(), manifest.loc[ids, "split"].tolist(),

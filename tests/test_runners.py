@@ -89,7 +89,7 @@ def _meet():
 
 
 def _make_file(folder: str, name: str):
-    from defectflow.tasks.steps import Ref
+    from defectflow.tasks.cache import Ref
 
     path = Path(folder) / name
     path.write_text(name)

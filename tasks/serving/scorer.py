@@ -5,7 +5,7 @@ scored its test images.
 and scores images through the pipeline's own code: ``patches.plan_patches`` for the
 windows, ``scoring.new_images_batch`` for the detector's input (backbone features into a
 temporary store) and ``scoring.score_pieces`` for ``Detector.score``. An image's score is
-the maximum over its patches, as in ``steps.image_scores``.
+the maximum over its patches, as in ``evaluation.image_scores``.
 
 :class:`FusionScorer` loads a fusion's model folder
 (``model_folder.write_fusion_model_folder``): one ``ImageScorer`` per fused detector, the

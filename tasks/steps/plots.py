@@ -1,0 +1,91 @@
+"""Step 8: a category's comparison figures (curves, AUROC per defect type, t-SNE)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import evaluation  # light: its names load their modules on first use
+from ..cache import Ref, cached_folder
+from ..features import FeatureStoreRef
+from ..scoring import SCORE_PIECE
+from .common import step_key
+
+
+def plots_step(evaluations: dict[str, Ref], manifest: Ref, category: str,
+               store: FeatureStoreRef, cache_dir: str, fusion: Ref | None = None,
+               tsne_points: int = 300, seed: int = 0) -> Ref:
+    """The category's comparison figures, once all its methods (and the fusion) are done:
+
+    - ``curves.png``: image ROC and PR curves of every method on one figure (the fusion
+      with its first seed's evaluation scores);
+    - ``defect_types.png``: image AUROC per defect type and method (test images);
+    - ``tsne.png``: t-SNE of per-image mean-pooled backbone features from the feature
+      store (all layers concatenated), up to ``tsne_points`` test images (seeded sample),
+      coloured by defect type ("good" for good images); none when ``tsne_points`` is 0.
+    """
+    key = step_key("plots", category, manifest.key, store.key,
+                   *sorted(f"{m}:{r.key}" for m, r in evaluations.items()),
+                   fusion.key if fusion is not None else "-", tsne_points, seed)
+    with cached_folder(cache_dir, "plots", key) as out:
+        if out.missing:
+            _plot_into(out.partial, evaluations, manifest.table().set_index("image_id"),
+                       category, store, fusion, tsne_points, seed)
+    return out.ref
+
+
+def _plot_into(folder: Path, evaluations: dict[str, Ref], man: pd.DataFrame, category: str,
+               store: FeatureStoreRef, fusion: Ref | None, tsne_points: int, seed: int) -> None:
+    tables = {m: pd.read_csv(Path(r.path) / "scores.csv") for m, r in sorted(evaluations.items())}
+    if fusion is not None:
+        fused = pd.read_csv(Path(fusion.path) / "scores.csv")
+        tables["segad_fusion"] = fused[fused["seed"] == fused["seed"].min()]
+    evaluation.plot_curves({m: (t["label"].to_numpy(), t["score"].to_numpy())
+                            for m, t in tables.items()},
+                           folder / "curves.png", title=f"{category}: image ROC and PR")
+    rows = []
+    for method, table in tables.items():
+        types = man.loc[table["image_id"], "defect_type"].to_numpy()
+        if table["label"].nunique() == 2:
+            for defect, auroc in evaluation.per_defect_type_auroc(
+                    table["label"].to_numpy(), table["score"].to_numpy(), types).items():
+                rows.append(dict(method=method, defect_type=defect, auroc=auroc))
+    if rows:
+        evaluation.plot_defect_type_bars(pd.DataFrame(rows), folder / "defect_types.png",
+                                         title=f"{category}: image AUROC per defect type")
+    embeddings, image_ids = image_embeddings(store, man, category, tsne_points, seed)
+    if len(image_ids) >= 2:
+        evaluation.plot_tsne(embeddings, man.loc[image_ids, "defect_type"].tolist(),
+                             folder / "tsne.png", seed=seed,
+                             title=f"{category}: t-SNE of backbone features "
+                                   f"({len(image_ids)} test images)")
+
+
+def image_embeddings(store: FeatureStoreRef, man: pd.DataFrame, category: str,
+                     max_images: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """Per-image embeddings from the feature store: each layer's feature map averaged over
+    its positions, the layers concatenated, averaged over an image's patches. Up to
+    ``max_images`` of the category's test images, a seeded sample when there are more,
+    so the t-SNE stays cheap. Returns (embeddings (n, channels), image ids)."""
+    # Row i of the table is row i of every layer's array.
+    patches = pd.read_parquet(Path(store.directory) / "patches.parquet").reset_index(drop=True)
+    tests = man[(man["category"] == category) & (man["split"] == "test")].index
+    candidates = np.asarray(sorted(set(patches["image_id"]) & set(tests)), dtype=object)
+    if max_images <= 0 or len(candidates) == 0:
+        return np.zeros((0, 0)), []
+    if len(candidates) > max_images:
+        candidates = np.sort(np.random.default_rng(seed).choice(candidates, max_images,
+                                                                replace=False))
+    chosen = patches[patches["image_id"].isin(set(candidates))]
+    positions = chosen.index.to_numpy()  # rows of the store, in increasing order
+    arrays = [store.maps(layer) for layer in store.layers]
+    pooled = []
+    for start in range(0, len(positions), SCORE_PIECE):  # bounded memory for many patches
+        part = positions[start:start + SCORE_PIECE]
+        pooled.append(np.concatenate([np.asarray(a[part], dtype=np.float32).mean(axis=(2, 3))
+                                      for a in arrays], axis=1))
+    per_patch = pd.DataFrame(np.concatenate(pooled), index=chosen["image_id"].to_numpy())
+    per_image = per_patch.groupby(level=0, sort=True).mean()
+    return per_image.to_numpy(np.float64), per_image.index.tolist()

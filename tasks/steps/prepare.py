@@ -1,0 +1,126 @@
+"""Steps 1-4: scan + categorize, patches, normalization, features."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import elpv_dataset
+
+from .. import datasets
+from ..cache import Ref, cache_path, write_table
+from ..errors import DefectflowError
+from ..features import FeatureStoreRef, extract_features
+from ..images import text_hash
+from ..normalization import normalization_stats
+from ..patches import plan_patches
+from .common import category_rows, image_paths, step_key
+
+
+@dataclass(frozen=True)
+class ScanRefs:
+    """The scan's outputs: the manifest and count tables, and the files it skipped."""
+
+    manifest: Ref
+    counts: Ref
+    skipped: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+    def exists(self) -> bool:
+        return self.manifest.exists() and self.counts.exists()
+
+
+# -- 1. scan + categorize ---------------------------------------------------------
+def source_fingerprint(layout: str, path: str | None) -> str:
+    """Cheap stat-based fingerprint of a data source: changes when any file changes.
+
+    It is the cache key of the scan (which hashes every file's content); the
+    later steps are keyed on those content hashes.
+    """
+    if layout == "elpv":
+        root = Path(elpv_dataset.__file__).parent
+    else:
+        if path is None:
+            raise DefectflowError(f"dataset.path is required for layout {layout!r}")
+        root = Path(path)
+        if not root.exists():
+            raise DefectflowError("dataset path not found", root)
+    entries = []
+    for item in sorted(root.rglob("*")):
+        if item.is_file():
+            stat = item.stat()
+            entries.append(f"{item.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}")
+    return text_hash(layout, str(root.resolve()), *entries)
+
+
+def scan_step(dataset: dict, fingerprint: str, cache_dir: str) -> ScanRefs:
+    """Manifest (with validation hold-out) and count table of a data source."""
+    # The dataset's display name does not change the manifest: keep it out of the key.
+    relevant = {k: v for k, v in dataset.items() if k != "name"}
+    key = step_key("scan", fingerprint, json.dumps(relevant, sort_keys=True))
+    manifest_path = cache_path(cache_dir, "manifests", key, ".parquet")
+    counts_path = cache_path(cache_dir, "tables", f"counts-{key}", ".parquet")
+    skipped_path = cache_path(cache_dir, "tables", f"skipped-{key}", ".json")
+    if manifest_path.exists() and counts_path.exists() and skipped_path.exists():
+        skipped = tuple(tuple(x) for x in json.loads(skipped_path.read_text()))
+        return ScanRefs(Ref(str(manifest_path), key), Ref(str(counts_path), key), skipped)
+    result = datasets.scan_dataset(
+        dataset["layout"], dataset.get("path"), category=dataset.get("category"),
+        train_fraction=dataset["train_fraction"], seed=dataset["seed"],
+        materialize_dir=Path(cache_dir) / "datasets")
+    manifest = result.manifest
+    if dataset.get("categories"):
+        wanted = set(dataset["categories"])
+        unknown = wanted - set(manifest["category"])
+        if unknown:
+            raise DefectflowError(f"categories {sorted(unknown)} not in the dataset "
+                                  f"(found {sorted(set(manifest['category']))})",
+                                  dataset.get("path") or dataset["layout"])
+        manifest = manifest[manifest["category"].isin(wanted)].reset_index(drop=True)
+    manifest = datasets.holdout_validation(manifest, dataset["validation_fraction"],
+                                           dataset["seed"])
+    write_table(manifest, manifest_path)
+    write_table(datasets.count_table(manifest), counts_path)
+    skipped_path.write_text(json.dumps([list(s) for s in result.skipped]))
+    return ScanRefs(Ref(str(manifest_path), key), Ref(str(counts_path), key),
+                    tuple(tuple(s) for s in result.skipped))
+
+
+def categorize_step(manifest: Ref, n_clusters: int | None, max_side: int, seed: int,
+                    cache_dir: str) -> Ref:
+    """Image-property table (brightness, colourfulness, edge density) and property clusters."""
+    key = step_key("categorize", manifest.key, n_clusters, max_side, seed)
+    path = cache_path(cache_dir, "tables", f"properties-{key}", ".parquet")
+    if not path.exists():
+        table = datasets.property_table(manifest.table(), n_clusters=n_clusters, seed=seed,
+                                        max_side=max_side)
+        write_table(table, path)
+    return Ref(str(path), key)
+
+
+# -- 2. patches, 3. normalization ------------------------------------------------------
+def patches_step(manifest: Ref, size: int | None, stride: int | None,
+                 min_mean_intensity: float, cache_dir: str) -> Ref:
+    key = step_key("patches", manifest.key, size, stride, min_mean_intensity)
+    path = cache_path(cache_dir, "patches", key, ".parquet")
+    if not path.exists():
+        write_table(plan_patches(manifest.table(), size, stride, min_mean_intensity), path)
+    return Ref(str(path), key)
+
+
+def normalization_step(patches: Ref, manifest: Ref, category: str, mode: str,
+                       denoise: dict | None = None) -> dict:
+    """Channel mean/std of the category's training patches (small: returned by value)."""
+    return normalization_stats(category_rows(patches, category), image_paths(manifest), mode,
+                               denoise)
+
+
+# -- 4. features -------------------------------------------------------------------
+def features_step(patches: Ref, manifest: Ref, category: str, features: dict, stats: dict,
+                  cache_dir: str, progress: bool = True) -> FeatureStoreRef:
+    rows = category_rows(patches, category)
+    return extract_features(rows, manifest.table(), backbone=features["backbone"],
+                            layers=features["layers"], input_size=features["input_size"],
+                            mean=stats["mean"], std=stats["std"], cache_dir=cache_dir,
+                            batch_size=features["batch_size"], device=features["device"],
+                            progress=progress, denoise=stats.get("denoise"))
