@@ -36,7 +36,6 @@ def category_features_without_prefect(params, scanned: ScanRefs, patches: Ref, c
                if params.preprocessing.denoise else None)
     stats = {**normalization_step(patches, scanned.manifest, category, params.normalization,
                                   denoise), "denoise": denoise}
-    store = features_step(patches, scanned.manifest, category,
-                          params.features.model_dump(mode="json"), stats, cache_dir,
-                          progress=False)
+    store = features_step(patches, scanned.manifest, category, params.features, stats,
+                          cache_dir, progress=False)
     return stats, store

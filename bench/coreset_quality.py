@@ -23,6 +23,7 @@ the plain greedy to finish in minutes on 2 cores:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -49,8 +50,8 @@ def main() -> int:
     from defectflow.tasks import scoring
     from defectflow.tasks.cache import Ref
     from defectflow.tasks.images import text_hash
-    from defectflow.tasks.methods import METHODS
-    from defectflow.tasks.params import load_params, method_params
+    from defectflow.tasks.methods import PatchCore
+    from defectflow.tasks.params import load_params
     from defectflow.tasks.steps import evaluate_step, score_step
     from defectflow.tasks.steps.common import category_rows, image_paths
 
@@ -62,14 +63,12 @@ def main() -> int:
         stats, store = category_features_without_prefect(p, scanned, patches, category, cache)
         table = category_rows(patches, category)
         train = scoring.patch_set(store, table, (table["split"] == "train").to_numpy(),
-                                 image_paths(scanned.manifest), args.input_size, stats,
-                                 p.features.device)
+                                  image_paths(scanned.manifest), p.features, stats)
         for variant, options in VARIANTS.items():
-            params = method_params("patchcore", {**p.methods.get("patchcore", {}),
-                                                 "coreset_ratio": args.ratio, **options},
-                                   p.features.layers)
+            base = p.methods.get(PatchCore.name) or PatchCore.Params(layers=p.features.layers)
+            params = dataclasses.replace(base, coreset_ratio=args.ratio, **options)
             start = time.perf_counter()
-            detector = METHODS["patchcore"](params).fit(train)
+            detector = PatchCore(params).fit(train)
             fit_s = time.perf_counter() - start
             # Score and evaluate through the pipeline's own steps (a fresh key per variant).
             model_dir = Path(cache) / "bench" / "coreset_quality" / f"{category}-{variant[:9]}"
@@ -78,8 +77,8 @@ def main() -> int:
             model = Ref(str(model_dir), text_hash("coreset_quality", category, variant,
                                                 json.dumps(params.__dict__, default=str),
                                                 store.key))
-            scores = score_step(model, store, patches, scanned.manifest, category, "patchcore",
-                                args.input_size, stats, cache, p.features.device)
+            scores = score_step(model, store, patches, scanned.manifest, category, PatchCore.name,
+                                p.features, stats, cache)
             evaluated = evaluate_step(scores, scanned.manifest, category, 0.99, 0, cache)
             metrics = json.loads((Path(evaluated.path) / "metrics.json").read_text())
             rows.append((category, variant, len(detector.memory_bank), detector.fit_seconds["coreset"],

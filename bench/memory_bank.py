@@ -65,6 +65,7 @@ def child(n_patches: int, work: Path) -> dict:
     """One size, measured in its own process so its peak memory is its own."""
     import pandas as pd
 
+    from defectflow.tasks.feature_settings import FeatureSettings
     from defectflow.tasks.features import extract_features
     from defectflow.tasks.images import file_hash
     from defectflow.tasks.methods import PatchCore, PatchSet
@@ -85,9 +86,9 @@ def child(n_patches: int, work: Path) -> dict:
     layers = ("blocks.2", "blocks.4")
 
     start = time.perf_counter()
-    store = extract_features(table, manifest, backbone="efficientnet_lite0", layers=layers,
-                             input_size=PATCH, mean=mean, std=std, cache_dir=work / "cache",
-                             batch_size=8, device="cpu", progress=False)
+    settings = FeatureSettings(layers=layers, input_size=PATCH, batch_size=8, device="cpu")
+    store = extract_features(table, manifest, settings, mean=mean, std=std,
+                             cache_dir=work / "cache", progress=False)
     extraction = time.perf_counter() - start
 
     paths_by_id = dict(zip(manifest.image_id, manifest.path))

@@ -20,13 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
+from defectflow.tasks.methods import CutPaste, FeatureEnsemble, FineTunedClassifier, PaDiM, PatchCore
+
 ROOT = Path(__file__).resolve().parents[1]
 MAIN_SETTINGS = {
-    "patchcore": ("coreset_ratio", "num_neighbors"),
-    "padim": ("n_channels",),
-    "ensemble": ("n_components", "epochs", "hidden"),
-    "cutpaste": ("epochs", "images_per_epoch", "augmentations"),
-    "classifier": ("epochs", "unfreeze", "n_defective"),
+    PatchCore.name: ("coreset_ratio", "num_neighbors"),
+    PaDiM.name: ("n_channels",),
+    FeatureEnsemble.name: ("n_components", "epochs", "hidden"),
+    CutPaste.name: ("epochs", "images_per_epoch", "augmentations"),
+    FineTunedClassifier.name: ("epochs", "unfreeze", "n_defective"),
 }
 
 
@@ -57,20 +59,17 @@ def main() -> None:
               "(0 when cached)", flush=True)
         table = category_rows(patches, category)
         for method in args.methods or list(p.methods):
-            options = p.methods.get(method, {})
-            params = method_params(method, options, p.features.layers)
+            params = p.methods.get(method) or method_params(method, {}, p.features.layers)
             detector_cls = METHODS[method]
             selected = (table["split"] == "train").to_numpy()
             defects = []
             if detector_cls.needs_labelled_defects:
                 defects = labelled_defects(manifest, category, params.n_defective, params.seed)
                 selected = selected | table["image_id"].isin(defects).to_numpy()
-            train = scoring.patch_set(store, table, selected, paths,
-                                     p.features.input_size, stats, p.features.device)
+            train = scoring.patch_set(store, table, selected, paths, p.features, stats)
             test = scoring.patch_set(store, table, ((table["split"] == "test")
                                                    & ~table["image_id"].isin(defects)).to_numpy(),
-                                    paths, p.features.input_size, stats,
-                                    p.features.device)
+                                     paths, p.features, stats)
             start = time.perf_counter()
             detector = detector_cls(params).fit(train)
             fit_s = time.perf_counter() - start

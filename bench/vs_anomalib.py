@@ -68,6 +68,7 @@ from defectflow.tasks.backbones import fold_batchnorm, load_backbone  # noqa: E4
 from defectflow.tasks.errors import DefectflowError  # noqa: E402
 from defectflow.tasks.evaluation import pixel_metrics  # noqa: E402
 from defectflow.tasks.export import export_mvtec, limit_manifest  # noqa: E402
+from defectflow.tasks.feature_settings import FeatureSettings  # noqa: E402
 from defectflow.tasks.features import extract_features, preprocess, resolve_device  # noqa: E402
 from defectflow.tasks.images import read_image, read_mask  # noqa: E402
 from defectflow.tasks.methods.base import PatchSet  # noqa: E402
@@ -211,10 +212,11 @@ def run_ours(args, data: Path, work: Path) -> dict:
         table = patches.iloc[rows].reset_index(drop=True)
         started = time.perf_counter()
         # A fresh cache folder: the store is computed, never found.
-        store = extract_features(table, manifest, backbone=BACKBONE, layers=args.layers,
-                                 input_size=args.input_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                                 cache_dir=work / split, batch_size=args.batch_size,
-                                 device=args.device, progress=False)
+        settings = FeatureSettings(backbone=BACKBONE, layers=tuple(args.layers),
+                                   input_size=args.input_size, batch_size=args.batch_size,
+                                   device=args.device)
+        store = extract_features(table, manifest, settings, mean=IMAGENET_MEAN,
+                                 std=IMAGENET_STD, cache_dir=work / split, progress=False)
         seconds = time.perf_counter() - started
         return PatchSet(table, store, np.arange(len(table)), paths, args.input_size,
                         IMAGENET_MEAN, IMAGENET_STD, device=args.device), seconds

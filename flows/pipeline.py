@@ -33,7 +33,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from ..tasks import steps
 from ..tasks.cores import shares_cores
 from ..tasks.methods import source_hash
-from ..tasks.params import PipelineParams, method_params
+from ..tasks.params import PipelineParams
 from ..tasks.results import CategoryPlots, DetectorResult, FusionResult, PipelineSummary
 from .steplog import StepLog
 
@@ -81,7 +81,6 @@ def pipeline(params: PipelineParams, verbose: bool = True) -> PipelineSummary:
     log = StepLog(verbose=verbose)
     p, cache = params, params.cache_dir
     dataset = p.dataset.model_dump(mode="json")
-    features = p.features.model_dump(mode="json")
     denoise = (p.preprocessing.denoise.model_dump(mode="json")
                if p.preprocessing.denoise else None)
 
@@ -101,22 +100,21 @@ def pipeline(params: PipelineParams, verbose: bool = True) -> PipelineSummary:
         # sees the same pixels.
         stats = log.then(stats, lambda stats: {**stats, "denoise": denoise})
         store = log.submit(f"features [{category}]", extract_features, patches,
-                           scanned.manifest, category, features, stats, cache, progress=verbose)
-        for method, options in p.methods.items():
-            resolved = method_params(method, options, p.features.layers).__dict__
-            resolved = {k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}
+                           scanned.manifest, category, p.features, stats, cache,
+                           progress=verbose)
+        # Each method's parameter object, as the params validator built it.
+        for method, method_params in p.methods.items():
             where = f"[{category} / {method}]"
             model = log.submit(f"train {where}", train, store, patches, scanned.manifest,
-                               category, method, resolved, p.features.input_size, stats, cache,
-                               p.features.device, method_source=source_hash(method))
+                               category, method, method_params, p.features, stats, cache,
+                               method_source=source_hash(method))
             scores = log.submit(f"score {where}", score, model, store, patches, scanned.manifest,
-                                category, method, p.features.input_size, stats, cache,
-                                p.features.device)
+                                category, method, p.features, stats, cache)
             evaluated = log.submit(f"evaluate {where}", evaluate, scores, scanned.manifest,
                                    category, p.evaluation.threshold_quantile,
                                    p.evaluation.overlays, cache)
             results.append(DetectorResult(category=category, method=method,
-                                          method_params=resolved, normalization=stats,
+                                          method_params=method_params, normalization=stats,
                                           model=model, evaluation=evaluated, features=store,
                                           scores=scores))
         scored = {r.method: r.scores for r in results if r.category == category}
@@ -125,8 +123,8 @@ def pipeline(params: PipelineParams, verbose: bool = True) -> PipelineSummary:
             # One-class mode scores its synthetic defects with the same models and features.
             models = {r.method: r.model for r in results if r.category == category}
             fused = log.submit(f"fusion [{category}]", fuse, scored, scanned.manifest, category,
-                               p.fusion.model_dump(mode="json"), cache, models=models,
-                               features=features, stats=stats)
+                               p.fusion, cache, models=models, features=p.features,
+                               stats=stats)
             fusions.append(FusionResult(category=category, fusion=fused))
         if p.evaluation.plots:
             evaluated = {r.method: r.evaluation for r in results if r.category == category}

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from . import cores
 from .cache import cached_folder
+from .feature_settings import FeatureSettings
 from .images import text_hash
 from .patches import iter_patch_pixels
 
@@ -181,14 +182,13 @@ def open_store(cache_dir: str | Path, key: str) -> FeatureStoreRef | None:
     return FeatureStoreRef(key, str(directory), tuple(meta["layers"]), int(meta["count"]))
 
 
-def extract_features(patch_table: pd.DataFrame, manifest: pd.DataFrame, *, backbone: str,
-                     layers, input_size: int, mean, std, cache_dir: str | Path,
-                     batch_size: int = 8, device: str = "auto", progress: bool = True,
-                     denoise: dict | None = None) -> FeatureStoreRef:
+def extract_features(patch_table: pd.DataFrame, manifest: pd.DataFrame,
+                     settings: FeatureSettings, *, mean, std, cache_dir: str | Path,
+                     progress: bool = True, denoise: dict | None = None) -> FeatureStoreRef:
     """Feature maps of every patch, computed once per key and streamed to disk."""
     from .backbones import fold_batchnorm, load_backbone
 
-    layers = tuple(layers)
+    backbone, layers, input_size = settings.backbone, settings.layers, settings.input_size
     content_hashes = dict(zip(manifest["image_id"], manifest["content_hash"]))
     paths = dict(zip(manifest["image_id"], manifest["path"]))
     key = feature_store_key(patch_table, content_hashes, backbone, layers, input_size, mean, std,
@@ -197,7 +197,7 @@ def extract_features(patch_table: pd.DataFrame, manifest: pd.DataFrame, *, backb
     if found is not None:
         return found
 
-    device = resolve_device(device)
+    device = resolve_device(settings.device)
     # channels_last runs the depthwise convolutions of EfficientNet ~1.7x faster on CPU;
     # batch norms folded into the convolutions save one pass over every activation.
     model = fold_batchnorm(load_backbone(backbone, layers, device=device))
@@ -205,7 +205,7 @@ def extract_features(patch_table: pd.DataFrame, manifest: pd.DataFrame, *, backb
     with cached_folder(cache_dir, "features", key) as out:
         if out.missing:
             _write_feature_maps(out.partial, model, patch_table, paths, layers, input_size,
-                                batch_size, mean, std, device, denoise,
+                                settings.batch_size, mean, std, device, denoise,
                                 desc=f"features {backbone}" if progress else None)
             patch_table[["patch_id", "image_id"]].to_parquet(out.partial / "patches.parquet")
             (out.partial / "meta.json").write_text(json.dumps(

@@ -8,10 +8,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_serializer,
+                      field_validator)
+from pydantic import ValidationInfo
 
 from .datasets import LAYOUTS
 from .errors import DefectflowError
+from .feature_settings import FeatureSettings
 
 
 class _Strict(BaseModel):
@@ -34,21 +37,6 @@ class PatchParams(_Strict):
     size: int | None = Field(None, gt=0)    # None: each whole image is one patch
     stride: int | None = Field(None, gt=0)  # None: equal to size
     min_mean_intensity: float = Field(31.0, ge=0, le=255)
-
-
-class FeatureParams(_Strict):
-    backbone: str = "efficientnet_lite0"
-    layers: list[str] = ["blocks.2", "blocks.4"]
-    input_size: int = Field(224, ge=32, le=2048)
-    batch_size: int = Field(8, ge=1)  # 8 was fastest on a 2-core CPU
-    device: str = "auto"
-
-    @field_validator("layers")
-    @classmethod
-    def _two_or_more(cls, layers):
-        if not layers:
-            raise ValueError("at least one layer is needed")
-        return layers
 
 
 class DenoiseParams(_Strict):
@@ -163,8 +151,10 @@ class PipelineParams(_Strict):
     patches: PatchParams = PatchParams()
     preprocessing: PreprocessingParams = PreprocessingParams()
     normalization: Literal["dataset", "imagenet"] = "dataset"
-    features: FeatureParams = FeatureParams()
-    methods: dict[str, dict[str, Any]] = {"patchcore": {}}
+    features: FeatureSettings = FeatureSettings()
+    # YAML options in, each method's typed parameter object out (``method_params``): the object
+    # the validator builds here is the one the method's detector receives.
+    methods: dict[str, Any] = {"patchcore": {}}
     evaluation: EvaluationParams = EvaluationParams()
     fusion: FusionParams = FusionParams()
     categorization: CategorizationParams = CategorizationParams()
@@ -175,16 +165,33 @@ class PipelineParams(_Strict):
 
     @field_validator("methods")
     @classmethod
-    def _known_methods(cls, methods):
+    def _typed_methods(cls, methods, info: ValidationInfo):
+        """Each method's options become its parameter object, once, with the feature layers
+        (``features`` is validated before ``methods``)."""
         from .methods import METHODS
 
         if not methods:
             raise ValueError("at least one method is needed")
+        features = info.data.get("features")
+        layers = features.layers if features is not None else None
+        typed = {}
         for name, options in methods.items():
             if name not in METHODS:
                 raise ValueError(f"unknown method {name!r} (choose from {sorted(METHODS)})")
-            method_params(name, options or {}, layers=None)
-        return {name: dict(options or {}) for name, options in methods.items()}
+            if isinstance(options, METHODS[name].Params):
+                typed[name] = options
+            elif options is None or isinstance(options, dict):
+                typed[name] = method_params(name, options or {}, layers)
+            else:
+                raise ValueError(f"{name}: expected a mapping of options")
+        return typed
+
+    @field_serializer("methods")
+    def _methods_as_options(self, methods: dict[str, Any]) -> dict[str, dict]:
+        # Every resolved option, as YAML would give it; the layers come from ``features``.
+        return {name: {k: list(v) if isinstance(v, tuple) else v
+                       for k, v in dataclasses.asdict(params).items() if k != "layers"}
+                for name, params in methods.items()}
 
     @property
     def dataset_name(self) -> str:
@@ -204,17 +211,20 @@ def method_params(name: str, options: dict[str, Any], layers: list[str] | None):
     if layers is not None and "layers" in {f.name for f in dataclasses.fields(params_cls)}:
         values["layers"] = tuple(layers)
     try:
-        from pydantic import TypeAdapter
-
         return TypeAdapter(params_cls).validate_python(values)
     except ValidationError as exc:
         raise ValueError(_first_error(exc)) from None
 
 
+def _message(err: dict) -> str:
+    """pydantic's message without its "Value error, " prefix (nested validation repeats it)."""
+    return re.sub(r"^(Value error, )+", "", err["msg"])
+
+
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"])
-    return f"{where}: {err['msg']}" if where else err["msg"]
+    return f"{where}: {_message(err)}" if where else _message(err)
 
 
 def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None = None
@@ -243,8 +253,8 @@ def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None
         errors = exc.errors()
         err = errors[0]
         where = ".".join(str(p) for p in err["loc"])
-        message = err["msg"]
-        if err["type"] == "extra_forbidden":
+        message = _message(err)
+        if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             message = "unknown key"
         raise DefectflowError(f"{where}: {message}", path or "<defaults>") from None
 

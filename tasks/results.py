@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # annotations only
     from .features import FeatureStoreRef
@@ -19,7 +19,7 @@ class DetectorResult:
 
     category: str
     method: str
-    method_params: dict      # the method's resolved parameters (tuples as lists)
+    method_params: Any       # the method's parameter object (``PipelineParams.methods``)
     normalization: dict      # mean, std and denoise the detector's input was made with
     model: Ref               # fitted detector folder
     evaluation: Ref          # metrics.json, roc.png, scores.csv, overlays/

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from . import cores
+from .feature_settings import FeatureSettings
 from .features import FeatureStoreRef, extract_features, resolve_device
 from .methods import PatchSet
 
@@ -16,14 +17,14 @@ SCORE_PIECE = 512  # patches scored per call: bounds the anomaly maps held in me
 
 
 def patch_set(store: FeatureStoreRef | None, rows: pd.DataFrame, selected: np.ndarray,
-               paths: dict[str, str], input_size: int, stats: dict,
-               device: str = "cpu") -> PatchSet:
+              paths: dict[str, str], features: FeatureSettings, stats: dict) -> PatchSet:
     """The rows of ``rows`` where ``selected`` is True, as a detector's input (``paths``:
-    image id -> file; ``stats``: normalization mean, std and denoising)."""
+    image id -> file; ``features``: input size and device; ``stats``: normalization mean,
+    std and denoising)."""
     positions = np.flatnonzero(selected)
     return PatchSet(rows.iloc[positions].reset_index(drop=True), store, positions,
-                    paths, input_size, tuple(stats["mean"]), tuple(stats["std"]),
-                    device=resolve_device(device), denoise=stats.get("denoise"))
+                    paths, features.input_size, tuple(stats["mean"]), tuple(stats["std"]),
+                    device=resolve_device(features.device), denoise=stats.get("denoise"))
 
 
 def score_pieces(detector, batch: PatchSet, maps: np.ndarray) -> np.ndarray:
@@ -38,7 +39,7 @@ def score_pieces(detector, batch: PatchSet, maps: np.ndarray) -> np.ndarray:
     return scores
 
 
-def new_images_batch(manifest: pd.DataFrame, patches: pd.DataFrame, features: dict,
+def new_images_batch(manifest: pd.DataFrame, patches: pd.DataFrame, features: FeatureSettings,
                      stats: dict, cache_dir: str | Path, with_features: bool = True) -> PatchSet:
     """Every patch of images from outside the scanned dataset (synthetic defects, an inbox)
     as a detector's input, prepared exactly as the dataset's own: the same backbone, layers,
@@ -46,11 +47,8 @@ def new_images_batch(manifest: pd.DataFrame, patches: pd.DataFrame, features: di
     ``cache_dir`` (skipped for methods that read pixels only: ``with_features=False``)."""
     store = None
     if with_features:
-        store = extract_features(patches, manifest, backbone=features["backbone"],
-                                 layers=features["layers"], input_size=features["input_size"],
-                                 mean=stats["mean"], std=stats["std"], cache_dir=cache_dir,
-                                 batch_size=features["batch_size"], device=features["device"],
-                                 progress=False, denoise=stats.get("denoise"))
+        store = extract_features(patches, manifest, features, mean=stats["mean"],
+                                 std=stats["std"], cache_dir=cache_dir, progress=False,
+                                 denoise=stats.get("denoise"))
     return patch_set(store, patches, np.ones(len(patches), bool),
-                      dict(zip(manifest["image_id"], manifest["path"])),
-                      int(features["input_size"]), stats, features["device"])
+                     dict(zip(manifest["image_id"], manifest["path"])), features, stats)

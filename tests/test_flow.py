@@ -111,6 +111,44 @@ def test_benchmark_preparation_finds_the_pipelines_features(first_run, monkeypat
     assert logged == {store.key}
     assert len(stats["mean"]) == 3 and stats["denoise"] is None
 
+def test_patchcore_receives_the_parameter_object_the_params_validator_built(
+        first_run, tmp_path, monkeypatch):
+    """``methods.patchcore.coreset_ratio`` travels as one typed object, built once when the
+    params file is validated, through the flow and the train step to the coreset selection."""
+    from defectflow.tasks import coreset as coreset_mod
+    from defectflow.tasks import params as params_mod
+    from defectflow.tasks.methods import patchcore as patchcore_mod
+
+    built, received, ratios = [], [], []
+    build = params_mod.method_params
+
+    def built_once(*args, **kwargs):
+        built.append(build(*args, **kwargs))
+        return built[-1]
+
+    fit = patchcore_mod.PatchCore.fit
+
+    def fit_and_record(self, train):
+        received.append(self.params)
+        return fit(self, train)
+
+    class RecordingCoreset(coreset_mod.StreamingCoreset):
+        def __init__(self, ratio, *args, **kwargs):
+            ratios.append(ratio)
+            super().__init__(ratio, *args, **kwargs)
+
+    monkeypatch.setattr(params_mod, "method_params", built_once)
+    monkeypatch.setattr(patchcore_mod.PatchCore, "fit", fit_and_record)
+    monkeypatch.setattr(patchcore_mod, "StreamingCoreset", RecordingCoreset)
+    _, data, _ = first_run
+    # A fresh cache: the detector is fitted, not loaded.
+    params = write_params(tmp_path, data, methods={"patchcore": {"coreset_ratio": 0.25}})
+    assert main(["run", str(params), "--quiet"]) == 0
+    assert len(built) == 1 and len(received) == 1
+    assert received[0] is built[0]
+    assert ratios == [0.25] and built[0].coreset_ratio == 0.25
+
+
 def test_corrupt_image_is_skipped_and_counted(first_run, capsys, tmp_path):
     _, data, _ = first_run
     copy = tmp_path / "product"

@@ -17,11 +17,13 @@ from defectflow.tasks import fusion as segad
 from defectflow.tasks import steps
 from defectflow.tasks.cache import Ref
 from defectflow.tasks.errors import DefectflowError
-from defectflow.tasks.params import DatasetParams, FeatureParams, FusionParams
+from defectflow.tasks.feature_settings import FeatureSettings
+from defectflow.tasks.methods import PaDiM, PatchCore
+from defectflow.tasks.params import DatasetParams, FusionParams
 from defectflow.tasks.steps.fuse import maps_of
 
-METHODS = {"patchcore": {"coreset_ratio": 0.5, "layers": ["blocks.2", "blocks.4"]},
-           "padim": {"layers": ["blocks.2", "blocks.4"]}}
+METHODS = {PatchCore.name: PatchCore.Params(coreset_ratio=0.5, layers=("blocks.2", "blocks.4")),
+           PaDiM.name: PaDiM.Params(layers=("blocks.2", "blocks.4"))}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def scored(tmp_path_factory):
     cache = str(tmp / "cache")
     dataset = DatasetParams(layout="folder", path=str(data), validation_fraction=0.3
                             ).model_dump(mode="json")
-    features = FeatureParams(input_size=64).model_dump(mode="json")
+    features = FeatureSettings(input_size=64)
     scan = steps.scan_step(dataset, steps.source_fingerprint("folder", str(data)), cache)
     patches = steps.patches_step(scan.manifest, None, None, 31.0, cache)
     stats = steps.normalization_step(patches, scan.manifest, "product", "dataset")
@@ -42,9 +44,9 @@ def scored(tmp_path_factory):
     models, scores = {}, {}
     for method, options in METHODS.items():
         models[method] = steps.train_step(store, patches, scan.manifest, "product", method,
-                                          options, 64, stats, cache, "cpu")
+                                          options, features, stats, cache)
         scores[method] = steps.score_step(models[method], store, patches, scan.manifest,
-                                          "product", method, 64, stats, cache, "cpu")
+                                          "product", method, features, stats, cache)
     return dict(tmp=tmp, cache=cache, manifest=scan.manifest, patches=patches, stats=stats,
                 store=store, models=models, scores=scores, features=features)
 
@@ -52,7 +54,7 @@ def scored(tmp_path_factory):
 def test_changed_method_code_retrains_and_unchanged_code_reuses_the_model(scored):
     s = scored
     args = (s["store"], s["patches"], s["manifest"], "product", "padim",
-            METHODS["padim"], 64, s["stats"], s["cache"], "cpu")
+            METHODS["padim"], s["features"], s["stats"], s["cache"])
     from defectflow.tasks.methods import source_hash
 
     assert steps.train_step(*args, method_source=source_hash("padim")) == s["models"]["padim"]
@@ -61,8 +63,8 @@ def test_changed_method_code_retrains_and_unchanged_code_reuses_the_model(scored
     assert (Path(retrained.path) / "train_defects.json").is_file()
 
 
-def fusion_params(**changes) -> dict:
-    return FusionParams(segments=4, seeds=2, n_defective=4, **changes).model_dump(mode="json")
+def fusion_params(**changes) -> FusionParams:
+    return FusionParams(segments=4, seeds=2, n_defective=4, **changes)
 
 
 def test_one_class_fusion_trains_on_synthetic_defects_and_evaluates_every_test_image(scored):

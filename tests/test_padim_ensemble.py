@@ -6,6 +6,7 @@ import pytest
 import torch
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
+from defectflow.tasks.feature_settings import FeatureSettings
 from defectflow.tasks import datasets, features as features_mod
 from defectflow.tasks.evaluation import image_metrics, pixel_metrics
 from defectflow.tasks.methods import PatchSet
@@ -147,7 +148,7 @@ def product(tmp_path_factory):
     paths = dict(zip(manifest.image_id, manifest.path))
     stats = channel_stats(patches[patches.split == "train"], paths)
     store = features_mod.extract_features(
-        patches, manifest, backbone="efficientnet_lite0", layers=LAYERS, input_size=64,
+        patches, manifest, FeatureSettings(layers=LAYERS, input_size=64),
         mean=stats["mean"], std=stats["std"], cache_dir=tmp / "cache", progress=False)
 
     def subset(split):

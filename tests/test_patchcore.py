@@ -1,9 +1,12 @@
 """Feature store, coreset and PatchCore on tiny generated images."""
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
 
+from defectflow.tasks.feature_settings import FeatureSettings
 from defectflow.tasks import datasets, features as features_mod
 from defectflow.tasks.coreset import greedy_coreset
 from defectflow.tasks.evaluation import image_metrics, pixel_metrics
@@ -42,9 +45,9 @@ def product(tmp_path_factory):
 
 def test_feature_store_is_written_once_and_reused(product, tmp_path, monkeypatch):
     manifest, patches, _, stats = product
-    kwargs = dict(backbone="efficientnet_lite0", layers=LAYERS, input_size=64, mean=stats["mean"],
-                  std=stats["std"], cache_dir=tmp_path, progress=False)
-    ref = features_mod.extract_features(patches, manifest, **kwargs)
+    settings = FeatureSettings(layers=LAYERS, input_size=64)
+    kwargs = dict(mean=stats["mean"], std=stats["std"], cache_dir=tmp_path, progress=False)
+    ref = features_mod.extract_features(patches, manifest, settings, **kwargs)
     maps = ref.maps("blocks.2")
     assert maps.dtype == np.float16 and isinstance(maps, np.memmap)
     assert maps.shape == (len(patches), 40, 8, 8)
@@ -56,17 +59,18 @@ def test_feature_store_is_written_once_and_reused(product, tmp_path, monkeypatch
         raise AssertionError("the backbone ran again for a cached key")
 
     monkeypatch.setattr(backbones, "load_backbone", forbidden)
-    again = features_mod.extract_features(patches, manifest, **kwargs)
+    again = features_mod.extract_features(patches, manifest, settings, **kwargs)
     assert again == ref
     # A different input size is another key, so it must compute (and hits the guard).
     with pytest.raises(AssertionError):
-        features_mod.extract_features(patches, manifest, **{**kwargs, "input_size": 96})
+        features_mod.extract_features(patches, manifest,
+                                      dataclasses.replace(settings, input_size=96), **kwargs)
 
 
 def test_patchcore_separates_generated_defects_and_localizes_them(product, tmp_path):
     manifest, patches, paths, stats = product
     store = features_mod.extract_features(
-        patches, manifest, backbone="efficientnet_lite0", layers=LAYERS, input_size=64,
+        patches, manifest, FeatureSettings(layers=LAYERS, input_size=64),
         mean=stats["mean"], std=stats["std"], cache_dir=tmp_path, progress=False)
 
     def subset(splits):
@@ -111,7 +115,7 @@ def test_patchcore_params_reject_bad_values():
 def test_hnsw_search_agrees_with_exact_search(product, tmp_path):
     manifest, patches, paths, stats = product
     store = features_mod.extract_features(
-        patches, manifest, backbone="efficientnet_lite0", layers=LAYERS, input_size=64,
+        patches, manifest, FeatureSettings(layers=LAYERS, input_size=64),
         mean=stats["mean"], std=stats["std"], cache_dir=tmp_path, progress=False)
     pos = np.flatnonzero((patches["split"] == "train").to_numpy())
     train = PatchSet(patches.iloc[pos].reset_index(drop=True), store, pos, paths, 64,

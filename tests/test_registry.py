@@ -3,6 +3,7 @@ registry params, the scoring settings file, and the inbox's move-last bookkeepin
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -113,16 +114,24 @@ def test_missing_inbox_is_an_error_naming_it(tmp_path):
 
 
 def test_scoring_settings_round_trip_and_reject_other_versions(tmp_path):
+    from defectflow.tasks.feature_settings import FeatureSettings
     from defectflow.tasks.serving import ScoringConfig
 
     config = ScoringConfig(method="patchcore", dataset="d", category="c",
-                           backbone="efficientnet_lite0", layers=("blocks.2", "blocks.4"),
-                           input_size=64, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2),
+                           features=FeatureSettings(layers=("blocks.2", "blocks.4"),
+                                                    input_size=64),
+                           mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2),
                            threshold=1.5, denoise={"h": 10.0, "template_window": 7,
                                                    "search_window": 21}, patch_size=32)
     path = config.save(tmp_path / "scoring.json")
     assert ScoringConfig.load(path) == config
-    path.write_text(path.read_text().replace('"version": 1', '"version": 99'))
+    saved = json.loads(path.read_text())
+    # Models registered before version 2 kept the feature settings as flat fields.
+    flat = {**{k: v for k, v in saved.items() if k != "features"}, **saved["features"],
+            "version": 1}
+    path.write_text(json.dumps(flat))
+    assert ScoringConfig.load(path) == config
+    path.write_text(json.dumps({**saved, "version": 99}))
     with pytest.raises(DefectflowError, match="version 99"):
         ScoringConfig.load(path)
 

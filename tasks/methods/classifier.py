@@ -43,7 +43,7 @@ IMBALANCE = ("weighted_loss", "weighted_sampler")
 GOOD, DEFECTIVE = 0, 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClassifierParams:
     backbone: str = "efficientnet_lite0"   # resnet18/50 need their weights in the torch cache
     n_defective: int = 10                  # labelled defective images the pipeline adds to training
@@ -65,7 +65,7 @@ class ClassifierParams:
         for field, kind in (("n_defective", int), ("epochs", int), ("step_size", int),
                             ("batch_size", int), ("seed", int), ("lr", float), ("gamma", float)):
             try:
-                setattr(self, field, kind(getattr(self, field)))
+                object.__setattr__(self, field, kind(getattr(self, field)))
             except (TypeError, ValueError):
                 raise ValueError(f"{field} must be a number, got {getattr(self, field)!r}") from None
         for field, value, allowed in (("backbone", self.backbone, BACKBONES),

@@ -60,7 +60,7 @@ ENCODERS = ("efficientnet_lite0", "resnet18", "resnet50")
 EMBEDDINGS = ("encoder", "projection")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CutPasteParams:
     augmentations: tuple[str, ...] = ("cutpaste", "scar")   # names in AUGMENTATIONS
     variant: str = "binary"               # binary / 2way, 3way, nway (see the module docstring)
@@ -85,8 +85,8 @@ class CutPasteParams:
     seed: int = 0
 
     def __post_init__(self):
-        self.augmentations = tuple(self.augmentations)
-        self.head_layers = tuple(int(w) for w in self.head_layers)
+        object.__setattr__(self, "augmentations", tuple(self.augmentations))
+        object.__setattr__(self, "head_layers", tuple(int(w) for w in self.head_layers))
         unknown = [name for name in self.augmentations if name not in AUGMENTATIONS]
         if not self.augmentations or unknown:
             raise ValueError(f"augmentations must be names from {list(AUGMENTATIONS)}, "

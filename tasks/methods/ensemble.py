@@ -39,7 +39,7 @@ from .patchcore import embed
 CHUNK_SIZE = 64   # images per feature chunk while reading the store
 
 
-@dataclass
+@dataclass(frozen=True)
 class FeatureEnsembleParams:
     layers: tuple[str, ...] = ("blocks.2", "blocks.4")
     n_components: int = 64             # PCA maps kept by the global transformation block
@@ -57,7 +57,7 @@ class FeatureEnsembleParams:
     seed: int = 0
 
     def __post_init__(self):
-        self.layers = tuple(self.layers)
+        object.__setattr__(self, "layers", tuple(self.layers))
         if len(self.layers) < 2 or len(set(self.layers)) != len(self.layers):
             raise ValueError(f"the ensemble needs 2 or more distinct layers, got {self.layers}")
         for name in ("n_components", "hidden", "epochs", "batch_size"):

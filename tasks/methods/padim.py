@@ -29,7 +29,7 @@ from .base import Detector, PatchSet
 CHUNK_SIZE = 64   # images per feature chunk: bounds the (n, h*w, d) working arrays
 
 
-@dataclass
+@dataclass(frozen=True)
 class PaDiMParams:
     layers: tuple[str, ...] = ("blocks.2", "blocks.4")
     n_channels: int = 100              # random channel subset (the paper's d); capped at the total
@@ -38,7 +38,7 @@ class PaDiMParams:
     seed: int = 0
 
     def __post_init__(self):
-        self.layers = tuple(self.layers)
+        object.__setattr__(self, "layers", tuple(self.layers))
         if not 2 <= len(self.layers) <= 3 or len(set(self.layers)) != len(self.layers):
             raise ValueError(f"PaDiM needs 2 or 3 distinct layers, got {self.layers}")
         if self.n_channels < 1:

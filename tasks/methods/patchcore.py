@@ -24,7 +24,7 @@ from ..coreset import StreamingCoreset
 from .base import Detector, PatchSet
 
 
-@dataclass
+@dataclass(frozen=True)
 class PatchCoreParams:
     layers: tuple[str, ...] = ("blocks.2", "blocks.4")
     coreset_ratio: float = 0.1
@@ -49,7 +49,7 @@ class PatchCoreParams:
     seed: int = 0
 
     def __post_init__(self):
-        self.layers = tuple(self.layers)
+        object.__setattr__(self, "layers", tuple(self.layers))
         if not 0 < self.coreset_ratio <= 1:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
         if (self.num_neighbors < 1 or self.projection_dim < 1 or self.coreset_chunk < 2

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..feature_settings import FeatureSettings
 from ..jsonsettings import JsonSettings
 from ..results import DetectorResult
 
 CONFIG_NAME = "scoring.json"
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2  # 2: the feature settings as one nested object
+_FEATURE_FIELDS = ("backbone", "layers", "input_size", "batch_size", "device")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,9 +25,7 @@ class ScoringConfig(JsonSettings):
     method: str
     dataset: str
     category: str
-    backbone: str
-    layers: tuple[str, ...]
-    input_size: int
+    features: FeatureSettings      # the pipeline's own feature settings object
     mean: tuple[float, ...]
     std: tuple[float, ...]
     threshold: float               # image-score threshold from held-out good images
@@ -33,14 +33,21 @@ class ScoringConfig(JsonSettings):
     patch_size: int | None = None  # None: each whole image is one patch
     patch_stride: int | None = None
     min_mean_intensity: float = 31.0
-    batch_size: int = 8
-    device: str = "auto"
     map_vmax: float | None = None  # overlay colour scale: the evaluation's (0.99 quantile of peaks)
     version: int = CONFIG_VERSION
 
     _VERSION = CONFIG_VERSION
     _WHAT = "scoring settings"
-    _TUPLES = ("layers", "mean", "std")
+    _TUPLES = ("mean", "std")
+    _NESTED = {"features": FeatureSettings}
+
+    @classmethod
+    def _upgrade(cls, data: dict) -> dict:
+        # Version 1 (models registered before 2) kept the feature settings as flat fields.
+        if data.get("version") == 1:
+            features = {name: data.pop(name) for name in _FEATURE_FIELDS if name in data}
+            data = {**data, "features": features, "version": 2}
+        return data
 
     @property
     def stats(self) -> dict:
@@ -54,13 +61,10 @@ def config_from_pipeline(params, result: DetectorResult, threshold: float,
     stats = result.normalization
     return ScoringConfig(
         method=result.method, dataset=params.dataset_name, category=result.category,
-        backbone=params.features.backbone, layers=tuple(params.features.layers),
-        input_size=int(params.features.input_size), mean=tuple(stats["mean"]),
+        features=params.features, mean=tuple(stats["mean"]),
         std=tuple(stats["std"]), threshold=float(threshold), denoise=stats.get("denoise"),
         patch_size=params.patches.size, patch_stride=params.patches.stride,
-        min_mean_intensity=float(params.patches.min_mean_intensity),
-        batch_size=int(params.features.batch_size), device=params.features.device,
-        map_vmax=map_vmax)
+        min_mean_intensity=float(params.patches.min_mean_intensity), map_vmax=map_vmax)
 
 
 def overlay_scale(scores_dir: str | Path, sample: int = 2000) -> float | None:

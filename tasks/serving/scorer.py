@@ -103,11 +103,10 @@ class ImageScorer:
                                cfg.min_mean_intensity, use_annotations=False)
         # Same backbone, layers, size, normalization and denoising as training; the
         # temporary store is the same float16 store the detector saw at test time.
-        features = dict(backbone=cfg.backbone, layers=cfg.layers, input_size=cfg.input_size,
-                        batch_size=cfg.batch_size, device=cfg.device)
-        batch = new_images_batch(manifest, patches, features, cfg.stats, work / "cache",
+        batch = new_images_batch(manifest, patches, cfg.features, cfg.stats, work / "cache",
                                  with_features=type(self.detector).reads_features)
-        patch_maps = np.zeros((len(batch), cfg.input_size, cfg.input_size), dtype=np.float16)
+        size = cfg.features.input_size
+        patch_maps = np.zeros((len(batch), size, size), dtype=np.float16)
         patch_scores = score_pieces(self.detector, batch, patch_maps)
         return manifest, patches, patch_scores, patch_maps.astype(np.float32)
 
@@ -184,7 +183,7 @@ class FusionScorer:
                                   folder / "fusion" / FOREST_NAME) from None
         for method, scorer in self.scorers.items():
             if scorer.config.patch_size is not None or \
-                    scorer.config.input_size != self.config.map_size:
+                    scorer.config.features.input_size != self.config.map_size:
                 raise DefectflowError(f"detector {method!r} does not score whole images at "
                                       f"{self.config.map_size} px as the fusion needs", folder)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pandas as pd
 
 from ..cache import Ref, cached_folder
 from ..errors import DefectflowError
+from ..feature_settings import FeatureSettings
 from ..features import FeatureStoreRef
 from ..methods import METHODS, PatchSet, source_hash
 from ..scoring import patch_set, score_pieces
@@ -31,9 +33,12 @@ def labelled_defects(manifest: pd.DataFrame, category: str, count: int, seed: in
 
 # -- 5. train, 6. score ------------------------------------------------------------
 def train_step(store: FeatureStoreRef, patches: Ref, manifest: Ref, category: str,
-               method: str, method_params: dict, input_size: int, stats: dict,
-               cache_dir: str, device: str = "auto", method_source: str | None = None) -> Ref:
+               method: str, method_params, features: FeatureSettings, stats: dict,
+               cache_dir: str, method_source: str | None = None) -> Ref:
     """Fit one detector on the category's training patches and save it.
+
+    ``method_params`` is the method's parameter object as the params validator built it
+    (``PipelineParams.methods``); the detector receives that very object.
 
     A method that needs labelled defects also gets the patches of a few
     defective test images (listed in ``train_defects.json`` beside the model).
@@ -43,21 +48,20 @@ def train_step(store: FeatureStoreRef, patches: Ref, manifest: Ref, category: st
     """
     method_source = method_source or source_hash(method)
     key = step_key("train", store.key, category, method,
-                   json.dumps(method_params, sort_keys=True), method_source)
+                   json.dumps(dataclasses.asdict(method_params), sort_keys=True), method_source)
     with cached_folder(cache_dir, "models", key) as out:
         if out.missing:
             rows = category_rows(patches, category)
             detector_cls = METHODS[method]
-            detector = detector_cls(detector_cls.Params(**method_params))
+            detector = detector_cls(method_params)
             selected = (rows["split"] == "train").to_numpy()
             defects: list[str] = []
             if detector_cls.needs_labelled_defects:
                 defects = labelled_defects(manifest.table(), category,
-                                           method_params.get("n_defective", 0),
-                                           method_params.get("seed", 0))
+                                           getattr(method_params, "n_defective", 0),
+                                           getattr(method_params, "seed", 0))
                 selected = selected | rows["image_id"].isin(defects).to_numpy()
-            train = patch_set(store, rows, selected, image_paths(manifest), input_size, stats,
-                              device)
+            train = patch_set(store, rows, selected, image_paths(manifest), features, stats)
             if not (train.table["split"] == "train").any():
                 raise DefectflowError(f"category {category!r} has no training images")
             detector.fit(train)
@@ -67,8 +71,8 @@ def train_step(store: FeatureStoreRef, patches: Ref, manifest: Ref, category: st
 
 
 def score_step(model: Ref, store: FeatureStoreRef, patches: Ref, manifest: Ref,
-               category: str, method: str, input_size: int, stats: dict,
-               cache_dir: str, device: str = "auto") -> Ref:
+               category: str, method: str, features: FeatureSettings, stats: dict,
+               cache_dir: str) -> Ref:
     """Scores and anomaly maps (float16) of the category's validation and test patches,
     leaving out any image the detector trained on."""
     key = step_key("score", model.key, store.key, category)
@@ -78,8 +82,7 @@ def score_step(model: Ref, store: FeatureStoreRef, patches: Ref, manifest: Ref,
             trained_on = json.loads((Path(model.path) / "train_defects.json").read_text())
             selected = (rows["split"].isin(["val", "test"])
                         & ~rows["image_id"].isin(trained_on)).to_numpy()
-            batch = patch_set(store, rows, selected, image_paths(manifest), input_size, stats,
-                              device)
+            batch = patch_set(store, rows, selected, image_paths(manifest), features, stats)
             score_into(METHODS[method].load(model.path), batch, out.partial)
     return out.ref
 

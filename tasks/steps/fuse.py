@@ -13,23 +13,25 @@ import pandas as pd
 from .. import fusion as segad
 from ..cache import Ref, cached_folder
 from ..errors import DefectflowError
-from ..fusion_deploy import write_deployable_fusion
+from ..feature_settings import FeatureSettings
+from ..fusion.deploy import write_deployable_fusion
 from ..images import file_hash, read_image, text_hash
 from ..methods import METHODS
+from ..params import FusionParams
 from ..patches import plan_patches
 from ..scoring import new_images_batch
 from .common import step_key
 from .detect import score_into
 
 
-def fusion_step(method_scores: dict[str, Ref], manifest: Ref, category: str, fusion: dict,
-                cache_dir: str, models: dict[str, Ref] | None = None,
-                features: dict | None = None, stats: dict | None = None) -> Ref:
+def fusion_step(method_scores: dict[str, Ref], manifest: Ref, category: str,
+                fusion: FusionParams, cache_dir: str, models: dict[str, Ref] | None = None,
+                features: FeatureSettings | None = None, stats: dict | None = None) -> Ref:
     """SegAD: per-segment statistics of every detector's anomaly maps, a boosted random forest,
-    over ``fusion["seeds"]`` seeds. Writes per_seed.csv, scores.csv and summary.json, and the
+    over ``fusion.seeds`` seeds. Writes per_seed.csv, scores.csv and summary.json, and the
     forest to serve (the first seed's) with forest.json, segments.npy and fusion.json.
 
-    ``fusion["mode"]``:
+    ``fusion.mode``:
 
     - ``"supervised"``: trained on the held-out good images plus ``n_defective`` labelled
       defective test images per seed, evaluated on the rest of the test set;
@@ -43,9 +45,9 @@ def fusion_step(method_scores: dict[str, Ref], manifest: Ref, category: str, fus
     The images are those every detector scored (a supervised detector leaves out the defects
     it trained on). Only whole-image runs are fused: with patches the maps are per window.
     """
-    parts = [category, json.dumps(fusion, sort_keys=True),
+    parts = [category, json.dumps(fusion.model_dump(mode="json"), sort_keys=True),
              *sorted(f"{m}:{r.key}" for m, r in method_scores.items())]
-    if fusion.get("mode", "supervised") == "one_class":
+    if fusion.mode == "one_class":
         if models is None or features is None or stats is None \
                 or set(models) != set(method_scores):
             raise DefectflowError("one-class fusion needs every detector's model, the feature "
@@ -63,10 +65,10 @@ def fusion_step(method_scores: dict[str, Ref], manifest: Ref, category: str, fus
 
 
 def _fuse_into(folder: Path, method_scores: dict[str, Ref], manifest: Ref, category: str,
-               fusion: dict, cache_dir: str, models: dict[str, Ref] | None,
-               features: dict | None, stats: dict | None) -> None:
+               fusion: FusionParams, cache_dir: str, models: dict[str, Ref] | None,
+               features: FeatureSettings | None, stats: dict | None) -> None:
     """Fit and evaluate the fusion over its seeds; write its tables and forest to ``folder``."""
-    mode = fusion.get("mode", "supervised")
+    mode = fusion.mode
     detectors = sorted(method_scores)
     man = manifest.table().set_index("image_id")
     tables = {m: pd.read_parquet(Path(method_scores[m].path) / "scores.parquet")
@@ -79,12 +81,12 @@ def _fuse_into(folder: Path, method_scores: dict[str, Ref], manifest: Ref, categ
     segments = fusion_segments(fusion, man, category, size)
     features_table = segad.feature_frame(maps, segments, common, detectors)
     labels = man.loc[common, "label"].astype(int)
-    seeds = range(fusion["seed"], fusion["seed"] + fusion["seeds"])
+    seeds = range(fusion.seed, fusion.seed + fusion.seeds)
     n_synthetic = 0
     if mode == "one_class":
         val_ids = [i for i in common if man.loc[i, "split"] == "val"]
         synthetic = synthetic_step(manifest, val_ids, category, segments, list(seeds),
-                                   fusion["synthetic_per_image"], cache_dir)
+                                   fusion.synthetic_per_image, cache_dir)
         synthetic_table = pd.read_parquet(Path(synthetic.path) / "manifest.parquet")
         synthetic_ids = synthetic_table["image_id"].tolist()
         synthetic_maps = [maps_of(ref, pd.read_parquet(Path(ref.path) / "scores.parquet"),
@@ -102,11 +104,11 @@ def _fuse_into(folder: Path, method_scores: dict[str, Ref], manifest: Ref, categ
     else:
         splits = segad.supervised_splits(common, labels.tolist(),
                                          man.loc[common, "split"].tolist(),
-                                         n_defective=fusion["n_defective"], seeds=seeds)
+                                         n_defective=fusion.n_defective, seeds=seeds)
     segad.assert_no_leakage(splits)
-    result = segad.run_protocol(features_table, labels, splits, kind=fusion["classifier"],
+    result = segad.run_protocol(features_table, labels, splits, kind=fusion.classifier,
                                 baselines=[f"{d}.image_score" for d in detectors],
-                                n_jobs=fusion["n_jobs"])
+                                n_jobs=fusion.n_jobs)
     result.per_seed.to_csv(folder / "per_seed.csv", index=False)
     result.scores.to_csv(folder / "scores.csv", index=False)
     summary = {k_: float(v) for k_, v in result.summary.items()}
@@ -118,7 +120,7 @@ def _fuse_into(folder: Path, method_scores: dict[str, Ref], manifest: Ref, categ
     # The one forest the registry serves: the first seed's, refitted as the protocol fitted it.
     write_deployable_fusion(folder, features_table, labels, splits[0].train_ids,
                             splits[0].seed, maps, common, segments, detectors,
-                            fusion["classifier"], fusion["n_jobs"], category)
+                            fusion.classifier, fusion.n_jobs, category)
 
 
 def maps_of(scores: Ref, table: pd.DataFrame, image_ids: list[str]) -> np.ndarray:
@@ -130,21 +132,22 @@ def maps_of(scores: Ref, table: pd.DataFrame, image_ids: list[str]) -> np.ndarra
     return np.asarray(stored[np.sort(rows)])[np.argsort(np.argsort(rows))]
 
 
-def fusion_segments(fusion: dict, man: pd.DataFrame, category: str, size: int) -> np.ndarray:
+def fusion_segments(fusion: FusionParams, man: pd.DataFrame, category: str,
+                    size: int) -> np.ndarray:
     """The category's (size, size) segment map: a grid, or superpixels of one good image."""
-    k = int(fusion["segments"])
-    if fusion["segmentation"] == "superpixels":
+    k = fusion.segments
+    if fusion.segmentation == "superpixels":
         # Computed once on a reference good image of the category, applied to all (SegAD).
         reference = man[(man["category"] == category) & (man["split"] == "train")].index.min()
         return segad.superpixel_segments(read_image(man.loc[reference, "path"]), k, size,
-                                         seed=fusion["seed"])
+                                         seed=fusion.seed)
     return segad.grid_segments(size, k)
 
 
-def feature_settings(features: dict, stats: dict) -> dict:
+def feature_settings(features: FeatureSettings, stats: dict) -> dict:
     """What decides a detector's input pixels and features (the device and batch size don't)."""
-    return {"backbone": features["backbone"], "layers": list(features["layers"]),
-            "input_size": int(features["input_size"]),
+    return {"backbone": features.backbone, "layers": list(features.layers),
+            "input_size": features.input_size,
             "mean": [round(float(v), 6) for v in stats["mean"]],
             "std": [round(float(v), 6) for v in stats["std"]],
             "denoise": stats.get("denoise")}
@@ -211,7 +214,7 @@ def _synthesize_into(folder: Path, final: Path, man: pd.DataFrame, val_ids: list
 
 
 def synthetic_scores_step(model: Ref, method: str, synthetic: Ref, category: str,
-                          features: dict, stats: dict, cache_dir: str) -> Ref:
+                          features: FeatureSettings, stats: dict, cache_dir: str) -> Ref:
     """One detector's scores and anomaly maps of the synthetic images, exactly as real images
     are scored: the same whole-image patches, backbone features into the content-addressed
     feature store (same backbone, layers, input size, normalization, denoising), the

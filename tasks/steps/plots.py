@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from .. import evaluation  # light: its names load their modules on first use
+from ..params import FUSION_METHOD
 from ..cache import Ref, cached_folder
 from ..features import FeatureStoreRef
 from ..scoring import SCORE_PIECE
@@ -41,7 +42,7 @@ def _plot_into(folder: Path, evaluations: dict[str, Ref], man: pd.DataFrame, cat
     tables = {m: pd.read_csv(Path(r.path) / "scores.csv") for m, r in sorted(evaluations.items())}
     if fusion is not None:
         fused = pd.read_csv(Path(fusion.path) / "scores.csv")
-        tables["segad_fusion"] = fused[fused["seed"] == fused["seed"].min()]
+        tables[FUSION_METHOD] = fused[fused["seed"] == fused["seed"].min()]
     evaluation.plot_curves({m: (t["label"].to_numpy(), t["score"].to_numpy())
                             for m, t in tables.items()},
                            folder / "curves.png", title=f"{category}: image ROC and PR")

@@ -11,6 +11,7 @@ import elpv_dataset
 from .. import datasets
 from ..cache import Ref, cache_path, write_table
 from ..errors import DefectflowError
+from ..feature_settings import FeatureSettings
 from ..features import FeatureStoreRef, extract_features
 from ..images import text_hash
 from ..normalization import normalization_stats
@@ -116,11 +117,9 @@ def normalization_step(patches: Ref, manifest: Ref, category: str, mode: str,
 
 
 # -- 4. features -------------------------------------------------------------------
-def features_step(patches: Ref, manifest: Ref, category: str, features: dict, stats: dict,
-                  cache_dir: str, progress: bool = True) -> FeatureStoreRef:
+def features_step(patches: Ref, manifest: Ref, category: str, features: FeatureSettings,
+                  stats: dict, cache_dir: str, progress: bool = True) -> FeatureStoreRef:
     rows = category_rows(patches, category)
-    return extract_features(rows, manifest.table(), backbone=features["backbone"],
-                            layers=features["layers"], input_size=features["input_size"],
-                            mean=stats["mean"], std=stats["std"], cache_dir=cache_dir,
-                            batch_size=features["batch_size"], device=features["device"],
-                            progress=progress, denoise=stats.get("denoise"))
+    return extract_features(rows, manifest.table(), features, mean=stats["mean"],
+                            std=stats["std"], cache_dir=cache_dir, progress=progress,
+                            denoise=stats.get("denoise"))

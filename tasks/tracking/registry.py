@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from ..fusion.deploy import FUSION_CONFIG_NAME, FusionConfig
 from ..images import text_hash
+from ..params import FUSION_METHOD
 from ..results import DetectorResult, FusionResult, RegisteredModel
 from ..serving.config import config_from_pipeline, overlay_scale
 from ..serving.model_folder import write_fusion_model_folder, write_model_folder
@@ -200,13 +201,13 @@ def register_fusions(tracker: Tracker, params, tracked: list[TrackedRun]
             entry = detectors[(category, method)]
             packed[method] = (entry.result.model.path, _scoring_config(params, entry))
         name = registered_model_name(registry.name_prefix, params.dataset_name, category,
-                                     "segad_fusion")
+                                     FUSION_METHOD)
         # The fusion folder's content key plus every detector's scoring settings: a rerun
         # from cache finds its version instead of registering the same model again.
         model_key = text_hash(ref.key, *(json.dumps(dataclasses.asdict(packed[m][1]),
                                                     sort_keys=True) for m in config.detectors))
         tags = {"dataset": params.dataset_name, "category": category,
-                "method": "segad_fusion", "backbone": params.features.backbone,
+                "method": FUSION_METHOD, "backbone": params.features.backbone,
                 "detectors": ",".join(config.detectors),
                 "fusion_mode": item.metrics.get("mode", "supervised"),
                 "threshold": config.threshold, "threshold_rule": config.threshold_rule,
@@ -217,6 +218,6 @@ def register_fusions(tracker: Tracker, params, tracked: list[TrackedRun]
             tracker, item.run_id, name, tags,
             lambda folder: write_fusion_model_folder(folder, ref.path, packed),
             fusion=True)
-        registered.append(RegisteredModel(name, version, category, "segad_fusion"))
+        registered.append(RegisteredModel(name, version, category, FUSION_METHOD))
         metric_of[name] = fusion_metric(registry.metric, item.metrics)
     return _promote(tracker, registry, registered, metric_of)

@@ -9,13 +9,14 @@ which steps it reused.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
 
 import pandas as pd
 
-from ..params import flatten
+from ..params import FUSION_METHOD, flatten
 from ..results import (CategoryPlots, ComparisonRow, DetectorResult, FusionResult,
                        PipelineSummary)
 from .client import Tracker
@@ -91,7 +92,8 @@ def _log_detector(tracker: Tracker, params, base_tags: dict, result: DetectorRes
     metrics = json.loads((evaluation / "metrics.json").read_text())
     tags = {**base_tags, "category": result.category, "method": result.method}
     child_params = {**flatten(params),
-                    **{f"method.{k}": v for k, v in result.method_params.items()},
+                    **{f"method.{k}": list(v) if isinstance(v, tuple) else v
+                       for k, v in dataclasses.asdict(result.method_params).items()},
                     "normalization.mean": result.normalization["mean"],
                     "normalization.std": result.normalization["std"],
                     "feature_store_key": result.features.key}
@@ -116,9 +118,9 @@ def _log_fusion(tracker: Tracker, params, base_tags: dict, fused: FusionResult) 
     the fusion's tables."""
     folder = Path(fused.fusion.path)
     summary = json.loads((folder / "summary.json").read_text())
-    tags = {**base_tags, "category": fused.category, "method": "segad_fusion",
+    tags = {**base_tags, "category": fused.category, "method": FUSION_METHOD,
             "fusion_mode": summary.get("mode", "supervised")}
-    child = tracker.start_child(f"{fused.category}-segad_fusion",
+    child = tracker.start_child(f"{fused.category}-{FUSION_METHOD}",
                                 {**flatten(params), "fusion.detectors": summary["detectors"]},
                                 tags)
     per_seed = pd.read_csv(folder / "per_seed.csv")
@@ -140,7 +142,7 @@ def _fusion_row(tracked: TrackedRun) -> ComparisonRow:
     """A fusion in the comparison: its image AUROC (mean and std over seeds) and each
     detector's anomaly-map maximum alone on the same images."""
     numeric = _numeric(tracked.metrics)
-    return ComparisonRow(tracked.result.category, "segad_fusion", tracked.run_id, {
+    return ComparisonRow(tracked.result.category, FUSION_METHOD, tracked.run_id, {
         "image_auroc": numeric.get("image_auroc_mean"),
         "image_auroc_std": numeric.get("image_auroc_std"),
         **{k: v for k, v in numeric.items() if k.endswith("image_score_auroc_mean")}})
