@@ -11,8 +11,10 @@ falls back to Prefect's own start.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -26,9 +28,6 @@ _process: subprocess.Popen | None = None
 def _die_with_parent() -> None:
     """Linux: the server gets SIGTERM when our process dies, even when killed (no atexit)."""
     try:
-        import ctypes
-        import signal
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass

@@ -4,6 +4,7 @@ scheduled run): the data source is there and the backbone has the layers asked f
 from __future__ import annotations
 
 from ..tasks.backbones import available_layers
+from ..tasks.datasets import REGISTRY
 from ..tasks.errors import DefectflowError
 from ..tasks.params import PipelineParams
 from ..tasks.steps import source_fingerprint
@@ -16,5 +17,5 @@ def preflight(params: PipelineParams) -> None:
     if unknown:
         raise DefectflowError(f"unknown layer(s) {unknown} for backbone "
                               f"{params.features.backbone!r} (valid: {layers})")
-    if params.dataset.layout != "elpv":
+    if REGISTRY[params.dataset.layout].needs_source:
         source_fingerprint(params.dataset.layout, params.dataset.path)

@@ -8,12 +8,14 @@ once, from the flow's process, after every step has finished.
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 
 from ..tasks import cores
 from ..tasks.errors import DefectflowError
 from ..tasks.params import ExecutionParams, PipelineParams
+from .pipeline import pipeline
 
 
 def make_task_runner(execution: ExecutionParams):
@@ -43,8 +45,6 @@ def _local_cluster(**kwargs):
     without PREFECT_API_URL, Prefect runs a temporary server for this process only, and each
     worker process would otherwise start (and wait ~20 s for) one of its own.
     """
-    import logging
-
     from distributed import LocalCluster
     from prefect.settings import PREFECT_API_URL
 
@@ -82,8 +82,6 @@ def torch_threads_for(execution: ExecutionParams):
 
 def run_pipeline(params: PipelineParams, verbose: bool = True) -> dict:
     """Run the pipeline flow on the task runner its params choose; returns its summary."""
-    from .pipeline import pipeline
-
     with torch_threads_for(params.execution):
         return pipeline.with_options(task_runner=make_task_runner(params.execution))(
             params, verbose=verbose)

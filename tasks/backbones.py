@@ -20,6 +20,7 @@ Weights never come from the network:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,8 +122,6 @@ def fold_batchnorm(backbone: Backbone, tolerance: float = 1e-4) -> Backbone:
     original by more than ``tolerance`` of its largest value, the original is
     returned unchanged.
     """
-    import copy
-
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     def fold(module: nn.Module) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -101,8 +102,6 @@ class TrackingParams(_Strict):
 
     def resolved_uri(self) -> str:
         """The MLflow tracking URI: params > MLFLOW_TRACKING_URI > sqlite:///mlflow.db."""
-        import os
-
         return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 

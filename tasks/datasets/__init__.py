@@ -6,7 +6,7 @@ clusters images by brightness, colourfulness and edge density.
 """
 
 from .candidates import GOOD
-from .layouts import LAYOUTS
+from .layouts import LAYOUTS, REGISTRY
 from .manifest import (
     MANIFEST_COLUMNS,
     ScanResult,
@@ -19,6 +19,7 @@ from .properties import image_properties, property_table
 __all__ = [
     "GOOD",
     "LAYOUTS",
+    "REGISTRY",
     "MANIFEST_COLUMNS",
     "ScanResult",
     "count_table",

@@ -6,7 +6,7 @@ import inspect
 from functools import lru_cache
 from pathlib import Path
 
-from .base import Detector, PatchSet
+from .base import Detector, FeatureDetector, PatchSet
 from .classifier import FineTunedClassifier
 from .cutpaste import CutPaste
 from .ensemble import FeatureEnsemble
@@ -68,5 +68,6 @@ def _closure(start: Path) -> tuple[tuple[str, bytes], ...]:
     return tuple(sorted((str(path.relative_to(root)), source) for path, source in seen.items()))
 
 
-__all__ = ["Detector", "PatchSet", "PatchCore", "PaDiM", "CutPaste", "FineTunedClassifier",
+__all__ = ["Detector", "FeatureDetector", "PatchSet", "PatchCore", "PaDiM", "CutPaste",
+           "FineTunedClassifier",
            "FeatureEnsemble", "METHODS", "source_hash"]

@@ -19,6 +19,7 @@ import pandas as pd
 
 from .. import cores
 from ..features import FeatureStoreRef, iter_input_batches
+from ..patches import iter_patch_pixels
 
 
 @dataclass
@@ -79,8 +80,6 @@ class PatchSet:
     def pixel_crops(self) -> Iterator[tuple[int, np.ndarray]]:
         """(position in this set, RGB uint8 crop before resizing and normalization), for
         methods that augment raw pixels."""
-        from ..patches import iter_patch_pixels
-
         yield from iter_patch_pixels(self.table, self.paths, self.denoise)
 
 
@@ -139,3 +138,10 @@ class Detector:
 
     def _load_state(self, directory: Path) -> None:
         raise NotImplementedError
+
+
+class FeatureDetector(Detector):
+    """A detector on the feature store: ``fit`` and ``score`` read backbone features
+    (``PatchSet.feature_chunks``), so scoring new images extracts them first."""
+
+    reads_features: ClassVar[bool] = True

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Detector, PatchSet
+from .base import FeatureDetector, PatchSet
 from .padim import GaussianAccumulator, upsample_and_smooth
 from .patchcore import embed
 
@@ -111,10 +111,9 @@ def truncated_l1_loss(true_scores: torch.Tensor, fake_scores: torch.Tensor,
     return (margin - true_scores).clamp_min(0).mean() + (margin + fake_scores).clamp_min(0).mean()
 
 
-class FeatureEnsemble(Detector):
+class FeatureEnsemble(FeatureDetector):
     name = "ensemble"
     Params = FeatureEnsembleParams
-    reads_features = True
 
     def __init__(self, params: FeatureEnsembleParams | None = None):
         super().__init__(params)

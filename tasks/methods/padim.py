@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from .base import Detector, PatchSet
+from .base import FeatureDetector, PatchSet
 
 CHUNK_SIZE = 64   # images per feature chunk: bounds the (n, h*w, d) working arrays
 
@@ -122,10 +122,9 @@ def upsample_and_smooth(patch_scores: np.ndarray, size: int, sigma: float) -> np
     return maps.astype(np.float32)
 
 
-class PaDiM(Detector):
+class PaDiM(FeatureDetector):
     name = "padim"
     Params = PaDiMParams
-    reads_features = True
 
     def __init__(self, params: PaDiMParams | None = None):
         super().__init__(params)

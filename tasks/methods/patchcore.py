@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from ..coreset import StreamingCoreset
-from .base import Detector, PatchSet
+from .base import FeatureDetector, PatchSet
 
 
 @dataclass(frozen=True)
@@ -85,10 +85,9 @@ def embed(feature_maps: dict[str, np.ndarray], layers,
     return torch.cat(parts, dim=1).permute(0, 2, 3, 1).contiguous()
 
 
-class PatchCore(Detector):
+class PatchCore(FeatureDetector):
     name = "patchcore"
     Params = PatchCoreParams
-    reads_features = True
 
     def __init__(self, params: PatchCoreParams | None = None):
         super().__init__(params)

@@ -6,8 +6,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import elpv_dataset
-
 from .. import datasets
 from ..cache import Ref, cache_path, write_table
 from ..errors import DefectflowError
@@ -38,8 +36,9 @@ def source_fingerprint(layout: str, path: str | None) -> str:
     It is the cache key of the scan (which hashes every file's content); the
     later steps are keyed on those content hashes.
     """
-    if layout == "elpv":
-        root = Path(elpv_dataset.__file__).parent
+    packaged_root = datasets.REGISTRY[layout].packaged_root
+    if packaged_root is not None:
+        root = packaged_root()
     else:
         if path is None:
             raise DefectflowError(f"dataset.path is required for layout {layout!r}")

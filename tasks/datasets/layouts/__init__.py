@@ -20,18 +20,24 @@ from . import bsdata, elpv, folder, large, magnetic_tile, mvtec, mvtec_loco
 
 @dataclass(frozen=True)
 class Layout:
-    """A layout's reader, and whether it reads a source folder.
+    """A layout's reader, and where its data comes from.
 
-    A layout without one (``elpv``) reads ``materialize_dir/<layout name>`` as its root.
+    A layout shipped inside a Python package (``elpv``) has no source folder:
+    ``packaged_root`` gives the package's folder (what the scan's fingerprint covers) and
+    the reader takes ``materialize_dir/<layout name>`` as its root.
     """
 
     find_candidates: Callable[[Path, ScanOptions], list[Candidate]]
-    needs_source: bool = True
+    packaged_root: Callable[[], Path] | None = None
+
+    @property
+    def needs_source(self) -> bool:
+        return self.packaged_root is None
 
 
 # In this order in error messages; "elpv" (the default layout) first.
 REGISTRY: dict[str, Layout] = {
-    "elpv": Layout(elpv.find_candidates, needs_source=False),
+    "elpv": Layout(elpv.find_candidates, packaged_root=elpv.package_root),
     "mvtec": Layout(mvtec.find_candidates),
     "mvtec_loco": Layout(mvtec_loco.find_candidates),
     "magnetic_tile": Layout(magnetic_tile.find_candidates),

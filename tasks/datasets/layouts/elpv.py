@@ -14,6 +14,13 @@ from ..candidates import GOOD, Candidate, ScanOptions
 from ..files import map_in_threads, write_png_once
 
 
+def package_root() -> Path:
+    """The installed ``elpv-dataset`` package's folder: where the images come from."""
+    import elpv_dataset  # see find_candidates
+
+    return Path(elpv_dataset.__file__).parent
+
+
 def find_candidates(root: Path, options: ScanOptions) -> list[Candidate]:
     """The cells of ``options.category`` (default: all), their PNG files under ``root``."""
     # Imported here: it loads all 2,624 cells (~240 MB) and only this layout needs it.
