@@ -153,7 +153,7 @@ class PipelineParams(_Strict):
     features: FeatureSettings = FeatureSettings()
     # YAML options in, each method's typed parameter object out (``method_params``): the object
     # the validator builds here is the one the method's detector receives.
-    methods: dict[str, Any] = {"patchcore": {}}
+    methods: dict[str, Any] = Field(default={"patchcore": {}}, validate_default=True)
     evaluation: EvaluationParams = EvaluationParams()
     fusion: FusionParams = FusionParams()
     categorization: CategorizationParams = CategorizationParams()

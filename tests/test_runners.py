@@ -204,7 +204,7 @@ def test_cores_are_divided_among_the_steps_running_at_that_moment(four_torch_thr
 def test_laters_inside_dataclasses_are_waited_for_and_resolved():
     from defectflow.flows.steplog import Later, _laters, resolve
     from defectflow.tasks.results import DetectorResult, FusionResult
-    from defectflow.tasks.steps import Ref
+    from defectflow.tasks.cache import Ref
 
     fused = Later(0, "fusion", None, (), {})
     pending = [FusionResult(category="c", fusion=fused)]
