@@ -91,6 +91,13 @@ def scan_step(dataset: dict, fingerprint: str, cache_dir: str) -> ScanRefs:
         manifest = manifest[manifest["category"].isin(wanted)].reset_index(drop=True)
     manifest = datasets.holdout_validation(manifest, dataset["validation_fraction"],
                                            dataset["seed"])
+    untrained = sorted(set(manifest["category"]) - set(
+        manifest.loc[manifest["split"] == "train", "category"]))
+    if untrained:
+        raise DefectflowError(
+            f"category {untrained[0]!r} has no good image to train on (its folder of good "
+            f"training images is empty, missing, or all its images were skipped)",
+            dataset.get("path") or Path(cache_dir) / "datasets" / dataset["layout"])
     write_table(manifest, manifest_path)
     write_table(datasets.count_table(manifest), counts_path)
     write_text(json.dumps([list(s) for s in result.skipped]), skipped_path)
