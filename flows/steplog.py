@@ -22,6 +22,7 @@ its end) and kept in a row for MLflow's ``steps.csv``, in the order the flow dec
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
 import time
 from typing import Any, Callable
@@ -46,16 +47,21 @@ class Later:
         return Later(-1, f"{self.label} (then)", None, (self,), {}, derive=fn)
 
 
+def _parts(obj) -> list:
+    """The values inside a dict, list, tuple or dataclass instance; [] for anything else."""
+    if isinstance(obj, dict):
+        return list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return list(obj)
+    if _is_dataclass(obj):
+        return [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    return []
+
+
 def _laters(obj) -> list[Later]:
     if isinstance(obj, Later):
         return [obj]
-    if isinstance(obj, dict):
-        return [x for v in obj.values() for x in _laters(v)]
-    if isinstance(obj, (list, tuple)):
-        return [x for v in obj for x in _laters(v)]
-    if _is_dataclass(obj):
-        return _laters([getattr(obj, f.name) for f in dataclasses.fields(obj)])
-    return []
+    return [x for v in _parts(obj) for x in _laters(v)]
 
 
 def _is_dataclass(obj) -> bool:
@@ -65,28 +71,17 @@ def _is_dataclass(obj) -> bool:
 def missing_refs(obj) -> list:
     """The references in ``obj`` (also inside dicts, lists, tuples and dataclasses) whose
     ``exists()`` says their files are gone."""
-    if callable(getattr(obj, "exists", None)) and not isinstance(obj, type):
+    # Paths are inputs to be made, not outputs that were: only descriptors are asked.
+    if callable(getattr(obj, "exists", None)) and not isinstance(obj, (type, os.PathLike)):
         return [] if obj.exists() else [obj]
-    if isinstance(obj, dict):
-        return [x for v in obj.values() for x in missing_refs(v)]
-    if isinstance(obj, (list, tuple)):
-        return [x for v in obj for x in missing_refs(v)]
-    if _is_dataclass(obj):
-        return missing_refs([getattr(obj, f.name) for f in dataclasses.fields(obj)])
-    return []
+    return [x for v in _parts(obj) for x in missing_refs(v)]
 
 
 def _holds(value, ref) -> bool:
     """Whether ``ref`` is ``value`` or one of its parts."""
-    if value == ref:
+    if value is ref or (type(value) is type(ref) and value == ref):
         return True
-    if isinstance(value, dict):
-        return any(_holds(v, ref) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_holds(v, ref) for v in value)
-    if _is_dataclass(value):
-        return any(_holds(getattr(value, f.name), ref) for f in dataclasses.fields(value))
-    return False
+    return any(_holds(v, ref) for v in _parts(value))
 
 
 def resolve(obj):

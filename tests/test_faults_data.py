@@ -26,8 +26,7 @@ from conftest import make_folder_dataset, prepared_product, textured_image
 from defectflow.cli import main
 from defectflow.tasks.errors import DefectflowError
 from test_flow import write_params
-
-MODEL = "df-generated-product-patchcore"
+from test_score_inbox import MODEL, registered  # noqa: F401 - registered: a fixture
 
 
 def step_status(out: str) -> dict[str, str]:
@@ -56,20 +55,10 @@ def bomb(tmp_path_factory) -> Path:
     return png_bomb(tmp_path_factory.mktemp("bomb") / "bomb.png")
 
 
-@pytest.fixture(scope="module")
-def registered(tmp_path_factory):
-    """A pipeline run on generated images, its PatchCore registered with alias champion."""
-    tmp = tmp_path_factory.mktemp("faults")
-    data = make_folder_dataset(tmp / "product", n_good=30, n_bad=8)
-    params = write_params(tmp, data, registry={"enabled": True, "name_prefix": "df"})
-    assert main(["run", str(params), "--quiet"]) == 0
-    return tmp, params, f"sqlite:///{tmp / 'mlflow.db'}"
-
-
 # -- 1. a cache that heals ------------------------------------------------------------------
 def test_deleted_cache_recomputes_and_a_killed_runs_partial_is_removed(registered, capsys):
-    tmp, params, _ = registered
-    cache = tmp / "cache"
+    tmp, _ = registered
+    params, cache = tmp / "params.yaml", tmp / "cache"
     capsys.readouterr()
 
     # The whole cache folder deleted: Prefect still remembers every step's result.
@@ -256,7 +245,7 @@ def test_max_image_pixels_is_a_checked_setting(tmp_path, capsys):
 
 def test_a_bomb_in_the_inbox_is_quarantined_and_the_images_beside_it_are_scored(
         registered, bomb, tmp_path, capsys):
-    _, _, uri = registered
+    _, uri = registered
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     inbox.mkdir()
     rng = np.random.default_rng(5)
