@@ -18,6 +18,7 @@ import errno
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -185,6 +186,7 @@ def allocated_memmap(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
 # -- partials of killed runs ------------------------------------------------------------
 # ``<name>.partial-<pid>`` (cached_folder, write_table) and ``.<name>.<pid>.partial``
 # (datasets.files.write_png_once).
+_SLACK = 2.0  # seconds
 _PARTIAL_NAMES = (re.compile(r"\.partial-(\d+)$"), re.compile(r"^\..+\.(\d+)\.partial$"))
 
 
@@ -215,21 +217,40 @@ def _process_start(pid: int) -> float | None:
         return 0.0
 
 
+def _last_written(path: Path) -> float:
+    """The newest modification time of ``path`` and, for a folder, of what is directly in it
+    (files being filled change, the folder itself does not)."""
+    times = [path.lstat().st_mtime]
+    if path.is_dir() and not path.is_symlink():
+        for entry in os.scandir(path):
+            try:
+                times.append(entry.stat(follow_symlinks=False).st_mtime)
+            except FileNotFoundError:
+                pass
+    return max(times)
+
+
 def is_stale_partial(path: Path) -> bool:
-    """A partial output whose writer is gone: its process is not running, or the process
-    now holding that pid started after the partial was last written (the pid was reused).
-    This process's own partials and those of running writers are never stale."""
+    """A partial output whose writer is gone.
+
+    It was last written before this process started, and its process is not running or
+    the process now holding that pid started after it was last written (the pid was
+    reused). This process's own partials and those of running writers are never stale,
+    nor those written since this process started (a writer on another machine sharing the
+    cache folder, whose pid means nothing here, keeps its files fresh)."""
     pid = _partial_pid(path.name)
     if pid is None or pid == os.getpid():
         return False
-    started = _process_start(pid)
-    if started is None:
-        return True
     try:
-        written = path.lstat().st_mtime
+        written = _last_written(path)
     except FileNotFoundError:
         return False
-    return started > written + 1.0  # clock ticks and file times differ by a little
+    # Start times from /proc are good to about a second (boot time in whole seconds):
+    # two seconds of slack either way.
+    if written >= (_process_start(os.getpid()) or time.time()) - _SLACK:
+        return False
+    started = _process_start(pid)
+    return started is None or started > written + _SLACK
 
 
 def remove_stale_partials(cache_dir: str | Path) -> list[Path]:

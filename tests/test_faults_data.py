@@ -35,6 +35,13 @@ def step_status(out: str) -> dict[str, str]:
     return {" ".join(row[:-3]): row[-3] for row in rows if row[-3] in ("ran", "cached")}
 
 
+def before_this_process(*paths: Path) -> None:
+    """Date files back an hour: written by a run that ended before this one started."""
+    old = time.time() - 3600
+    for path in paths:
+        os.utime(path, (old, old))
+
+
 def png_bomb(path: Path, side: int = 33000) -> Path:
     """A valid grayscale PNG of side x side zero pixels: about 1 MB on disk, 1 GB decoded."""
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -75,6 +82,7 @@ def test_deleted_cache_recomputes_and_a_killed_runs_partial_is_removed(registere
     dead = cache / "features" / f"{store.name}.partial-{2**22 + 1}"
     dead.mkdir()
     (dead / "blocks.2.npy").write_bytes(b"half")
+    before_this_process(dead / "blocks.2.npy", dead)
     assert main(["run", str(params)]) == 0
     status = step_status(capsys.readouterr().out)
     assert status["features [product]"] == "ran"
@@ -170,28 +178,40 @@ def _sleeper_making_partial(folder: Path) -> subprocess.Popen:
 def test_partials_of_killed_processes_go_those_of_running_ones_stay(tmp_path):
     from defectflow.tasks.cache import remove_stale_partials
 
-    folder = tmp_path / "cache" / "models"
+    cache = tmp_path / "cache"
+    folder = cache / "models"
     folder.mkdir(parents=True)
     killed = _sleeper_making_partial(folder)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
+    dead = folder / f"out.partial-{killed.pid}"
+    png = cache / "datasets" / f".0.png.{killed.pid}.partial"
+    png.parent.mkdir()
+    png.write_bytes(b"half a png")
     running = _sleeper_making_partial(folder)
     try:
-        ours = folder / f"out.partial-{os.getpid()}"
-        ours.mkdir()
+        alive = folder / f"out.partial-{running.pid}"
         # A file partial whose pid now belongs to a process started after it was written.
         reused = folder / f"t.parquet.partial-{running.pid}"
         reused.write_bytes(b"old")
-        old = time.time() - 3600
-        os.utime(reused, (old, old))
-        png = tmp_path / "cache" / "datasets" / f".0.png.{killed.pid}.partial"
-        png.parent.mkdir()
-        png.write_bytes(b"half a png")
+        before_this_process(reused)
+        ours = folder / f"out.partial-{os.getpid()}"
+        ours.mkdir()
+        before_this_process(ours)
+        # Start times are good to a second: the next run starts well after the kill.
+        time.sleep(2.5)
+        # Written since this process started (say by a writer on another machine sharing
+        # the cache, whose pid means nothing here): kept, and so is this process's own.
+        assert remove_stale_partials(cache) == [reused]
+        assert dead.is_dir() and png.is_file() and ours.is_dir()
 
-        removed = remove_stale_partials(tmp_path / "cache")
-        assert sorted(removed) == sorted([folder / f"out.partial-{killed.pid}", reused, png])
-        assert sorted(p.name for p in folder.iterdir()) == sorted(
-            [f"out.partial-{running.pid}", ours.name])
+        # The next run, started after the kill: the killed writer's partials go.
+        code = ("import sys; from defectflow.tasks.cache import remove_stale_partials; "
+                "print('\\n'.join(map(str, remove_stale_partials(sys.argv[1]))))")
+        cleaned = subprocess.run([sys.executable, "-c", code, str(cache)], capture_output=True,
+                                 text=True, timeout=120, check=True)
+        assert sorted(cleaned.stdout.split()) == sorted([str(dead), str(png), str(ours)])
+        assert sorted(p.name for p in folder.iterdir()) == [alive.name]
     finally:
         running.kill()
         running.wait()
