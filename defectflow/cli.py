@@ -162,9 +162,12 @@ def cmd_score(args) -> int:
     summary = score_flow(**parameters)
     print(f"defectflow: {summary['model']} version {summary['model_version']}: scored "
           f"{summary['n_scored']} ({summary['n_defective']} defective), quarantined "
-          f"{summary['n_quarantined']}" + ("  (another batch is running: skipped)"
-                                           if summary["busy"] else ""))
-    if summary["n_scored"] or summary["n_quarantined"]:
+          f"{summary['n_quarantined']}"
+          + (f", {summary['n_duplicates']} sent again (already scored: moved to done/, "
+             f"no new row)" if summary.get("n_duplicates") else "")
+          + (f", {summary['n_recovered']} recovered" if summary.get("n_recovered") else "")
+          + ("  (another batch is running: skipped)" if summary["busy"] else ""))
+    if summary["n_scored"] or summary["n_quarantined"] or summary.get("n_duplicates"):
         print(f"results: {out / 'results.csv'}   MLflow run: {summary['run_id']}")
     return 0
 

@@ -31,6 +31,7 @@ from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from ..tasks import steps
+from ..tasks.cache import remove_stale_partials
 from ..tasks.cores import shares_cores
 from ..tasks.methods import source_hash
 from ..tasks.params import PipelineParams
@@ -84,6 +85,7 @@ def pipeline(params: PipelineParams, verbose: bool = True) -> PipelineSummary:
     denoise = (p.preprocessing.denoise.model_dump(mode="json")
                if p.preprocessing.denoise else None)
 
+    remove_stale_partials(cache)  # half-written outputs of killed runs; running ones stay
     fingerprint = steps.source_fingerprint(p.dataset.layout, p.dataset.path)
     scanned = log.run("scan", scan, dataset, fingerprint, cache)
     properties = log.submit("categorize", categorize, scanned.manifest,

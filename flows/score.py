@@ -42,6 +42,8 @@ def track(resolved: dict, batch: inbox_lib.InboxBatch, inbox: str, out: str,
     tables = {"results.csv": pd.DataFrame(batch.rows, columns=inbox_lib.RESULT_COLUMNS)}
     if batch.quarantined:
         tables["quarantined.csv"] = pd.DataFrame(batch.quarantined)
+    if batch.duplicates:
+        tables["duplicates.csv"] = pd.DataFrame(batch.duplicates)
     return log_scoring_batch(tracking_uri, experiment, resolved, batch.counts, tables,
                              {"inbox": inbox, "out": out})
 
@@ -53,12 +55,12 @@ def score_flow(model: str, inbox: str, out: str, tracking_uri: str = "sqlite:///
     resolved = resolve(model, tracking_uri)
     summary = {"model": resolved["name"], "model_version": resolved["version"],
                "n_scored": 0, "n_quarantined": 0, "n_defective": 0, "n_recovered": 0,
-               "run_id": None, "busy": False}
+               "n_duplicates": 0, "run_id": None, "busy": False}
     if not inbox_lib.pending_images(inbox):
         return summary  # an idle inbox loads no model and logs no run
     batch = score(resolved, inbox, out, tracking_uri)
     summary.update(batch.counts, busy=batch.busy)
-    if batch.rows or batch.quarantined:
+    if batch.rows or batch.quarantined or batch.duplicates:
         summary["run_id"] = track(resolved, batch, inbox, out, tracking_uri, experiment)
     return summary
 

@@ -8,7 +8,10 @@ independent categories and methods run side by side. Resolving inputs here (not 
 Prefect futures to Prefect) keeps two behaviours of the sequential flow:
 
 - a cached result whose files were deleted is computed again (``refresh_cache``) before
-  anything downstream sees it;
+  anything downstream sees it: every reference a step returns (``Ref``, ``FeatureStoreRef``,
+  ``ScanRefs``, also inside dicts, lists, tuples and dataclasses) says with ``exists()``
+  whether its files are still there; and before a step is submitted, an input whose files
+  are gone has the step that made it computed again first;
 - every step's task inputs are plain values, so its cache key is the same whichever task
   runner runs it, and a second identical run is fully cached.
 
@@ -19,6 +22,7 @@ its end) and kept in a row for MLflow's ``steps.csv``, in the order the flow dec
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
 import time
 from typing import Any, Callable
@@ -43,20 +47,41 @@ class Later:
         return Later(-1, f"{self.label} (then)", None, (self,), {}, derive=fn)
 
 
+def _parts(obj) -> list:
+    """The values inside a dict, list, tuple or dataclass instance; [] for anything else."""
+    if isinstance(obj, dict):
+        return list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return list(obj)
+    if _is_dataclass(obj):
+        return [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    return []
+
+
 def _laters(obj) -> list[Later]:
     if isinstance(obj, Later):
         return [obj]
-    if isinstance(obj, dict):
-        return [x for v in obj.values() for x in _laters(v)]
-    if isinstance(obj, (list, tuple)):
-        return [x for v in obj for x in _laters(v)]
-    if _is_dataclass(obj):
-        return _laters([getattr(obj, f.name) for f in dataclasses.fields(obj)])
-    return []
+    return [x for v in _parts(obj) for x in _laters(v)]
 
 
 def _is_dataclass(obj) -> bool:
     return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+
+
+def missing_refs(obj) -> list:
+    """The references in ``obj`` (also inside dicts, lists, tuples and dataclasses) whose
+    ``exists()`` says their files are gone."""
+    # Paths are inputs to be made, not outputs that were: only descriptors are asked.
+    if callable(getattr(obj, "exists", None)) and not isinstance(obj, (type, os.PathLike)):
+        return [] if obj.exists() else [obj]
+    return [x for v in _parts(obj) for x in missing_refs(v)]
+
+
+def _holds(value, ref) -> bool:
+    """Whether ``ref`` is ``value`` or one of its parts."""
+    if value is ref or (type(value) is type(ref) and value == ref):
+        return True
+    return any(_holds(v, ref) for v in _parts(value))
 
 
 def resolve(obj):
@@ -82,7 +107,8 @@ class StepLog:
 
     def __init__(self, verbose: bool = True):
         self.verbose = verbose
-        self._rows: list[tuple[int, dict]] = []
+        self._rows: dict[int, dict] = {}  # by the step's index: a step run again keeps one row
+        self._done: list[Later] = []        # finished steps, whose outputs later steps read
         self._waiting: list[Later] = []
         self._running: set[Later] = set()
         self._finished: queue.Queue[Later] = queue.Queue()  # filled by the futures' callbacks
@@ -91,7 +117,7 @@ class StepLog:
     @property
     def rows(self) -> list[dict]:
         """One row per finished step (step, status, seconds), in the flow's order."""
-        return [row for _, row in sorted(self._rows, key=lambda item: item[0])]
+        return [row for _, row in sorted(self._rows.items())]
 
     # -- declaring steps -----------------------------------------------------------------
     def submit(self, label: str, step, *args, **kwargs) -> Later:
@@ -128,12 +154,26 @@ class StepLog:
             if not ready:
                 return
             for later in ready:
-                self._waiting.remove(later)
                 if later.derive is not None:
+                    self._waiting.remove(later)
                     later.value, later.done = later.derive(resolve(later.args[0])), True
-                else:
+                elif not self._refresh_inputs(later):
+                    self._waiting.remove(later)
                     later.submitted = time.perf_counter()
                     self._submit(later)
+
+    def _refresh_inputs(self, later: Later) -> bool:
+        """Compute again the finished steps that made inputs of ``later`` whose files are
+        gone; ``later`` then waits for them. False when there is nothing to refresh."""
+        gone = missing_refs((resolve(later.args), resolve(later.kwargs)))
+        makers = [d for d in self._done
+                  if not d.refreshed and any(_holds(d.value, ref) for ref in gone)]
+        for maker in makers:
+            maker.done, maker.refreshed = False, True
+            maker.submitted = time.perf_counter()
+            self._submit(maker, refresh=True)
+            later.deps.append(maker)
+        return bool(makers)
 
     def _submit(self, later: Later, refresh: bool = False) -> None:
         options: dict[str, Any] = {"task_run_name": later.label}
@@ -163,7 +203,7 @@ class StepLog:
     def _finish(self, later: Later) -> None:
         self._running.discard(later)
         value = later.future.result()  # a failed step raises its own error here
-        if hasattr(value, "exists") and not value.exists() and not later.refreshed:
+        if missing_refs(value) and not later.refreshed:
             # Prefect remembered a result whose files were deleted: compute it again.
             later.refreshed = True
             self._submit(later, refresh=True)
@@ -171,7 +211,9 @@ class StepLog:
         status = "cached" if later.future.state.name == "Cached" else "ran"
         seconds = later.finished - later.submitted
         later.value, later.done = value, True
-        self._rows.append((later.index, {"step": later.label, "status": status,
-                                         "seconds": round(seconds, 2)}))
+        if later not in self._done:
+            self._done.append(later)
+        self._rows[later.index] = {"step": later.label, "status": status,
+                                   "seconds": round(seconds, 2)}
         if self.verbose:
             print(f"  {later.label:<40} {status:>6}  {seconds:7.1f} s", flush=True)

@@ -12,6 +12,7 @@ complete, so an interrupted run never leaves a store that looks finished.
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import cores
-from .cache import cached_folder
+from .cache import allocated_memmap, cached_folder
 from .feature_settings import FeatureSettings
 from .images import text_hash
 from .patches import iter_patch_pixels
@@ -39,6 +40,12 @@ class FeatureStoreRef:
     directory: str
     layers: tuple[str, ...]
     count: int
+
+    def exists(self) -> bool:
+        """Whether every file of the store is still on disk (a deleted store is recomputed)."""
+        folder = Path(self.directory)
+        names = ["meta.json", "patches.parquet", *(f"{_safe(layer)}.npy" for layer in self.layers)]
+        return all((folder / name).is_file() for name in names)
 
     def maps(self, layer: str) -> np.ndarray:
         """Feature maps of one layer, (count, C, h, w) float16, memory-mapped."""
@@ -179,7 +186,12 @@ def open_store(cache_dir: str | Path, key: str) -> FeatureStoreRef | None:
     if not meta_path.is_file():
         return None
     meta = json.loads(meta_path.read_text())
-    return FeatureStoreRef(key, str(directory), tuple(meta["layers"]), int(meta["count"]))
+    found = FeatureStoreRef(key, str(directory), tuple(meta["layers"]), int(meta["count"]))
+    if not found.exists():
+        # Some of its files were deleted: compute the store again, whole.
+        shutil.rmtree(directory, ignore_errors=True)
+        return None
+    return found
 
 
 def extract_features(patch_table: pd.DataFrame, manifest: pd.DataFrame,
@@ -233,9 +245,8 @@ def _write_feature_maps(folder: Path, model, patch_table: pd.DataFrame, paths: d
                 fmap = feats[layer].to(torch.float16).cpu().numpy()
                 if layer not in outputs:
                     # Streamed into an on-disk array: memory stays bounded by one batch.
-                    outputs[layer] = np.lib.format.open_memmap(
-                        folder / f"{_safe(layer)}.npy", mode="w+", dtype=np.float16,
-                        shape=(count, *fmap.shape[1:]))
+                    outputs[layer] = allocated_memmap(folder / f"{_safe(layer)}.npy",
+                                                      np.float16, (count, *fmap.shape[1:]))
                 outputs[layer][positions] = fmap
             bar.update(len(positions))
     bar.close()

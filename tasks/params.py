@@ -16,6 +16,7 @@ from pydantic import ValidationInfo
 from .datasets import LAYOUTS
 from .errors import DefectflowError
 from .feature_settings import FeatureSettings
+from .images import MAX_IMAGE_PIXELS, OPENCV_MAX_IMAGE_PIXELS
 
 
 class _Strict(BaseModel):
@@ -32,6 +33,8 @@ class DatasetParams(_Strict):
     train_fraction: float = Field(0.8, gt=0, lt=1)
     validation_fraction: float = Field(0.1, ge=0, lt=1)
     seed: int = 0
+    # Larger images (from their header) are skipped undecoded; OpenCV's own cap is 2**30.
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, gt=0, le=OPENCV_MAX_IMAGE_PIXELS)
 
 
 class PatchParams(_Strict):

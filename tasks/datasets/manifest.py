@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ import pandas as pd
 
 from ..annotations import check_annotation, load_annotations
 from ..errors import DefectflowError
-from ..images import file_hash, image_header, read_mask, text_hash
+from ..images import MAX_IMAGE_PIXELS, file_hash, image_header, mask_levels, text_hash
 from .candidates import DEFECT, GOOD, Candidate, ScanOptions
 from .files import map_in_threads
 from .layouts import LAYOUTS, REGISTRY
@@ -73,6 +74,7 @@ def scan_dataset(
     train_fraction: float = 0.8,
     seed: int = 0,
     materialize_dir: str | Path = ".defectflow-cache/datasets",
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> ScanResult:
     """Scan a dataset into a manifest: one row per image, sorted by ``image_id``.
 
@@ -98,6 +100,8 @@ def scan_dataset(
             under ``elpv/<category>/<index>.png``, and ``bsdata`` its masks,
             under ``bsdata/masks/<stem>.png``. A file already holding the
             same pixels is left alone, so its content hash stays stable.
+        max_image_pixels: an image whose header gives more pixels is skipped without
+            being decoded (a decompression bomb costs nothing).
 
     Returns:
         A :class:`ScanResult`. The manifest columns are ``MANIFEST_COLUMNS``
@@ -106,9 +110,12 @@ def scan_dataset(
         ``magnetic_tile`` and ``large``, which keep the mask of every image
         that has one (MT_Free's are all black).
 
-    Corrupt or unreadable image files are *skipped*: each one raises a
+    Corrupt, unreadable or oversized image files are *skipped*: each one raises a
     ``UserWarning`` naming the file and is listed in ``ScanResult.skipped``
     with the reason, so one bad file does not stop a scan of thousands.
+    Masks are binary: a mask with values other than 0 and 255 (say 0/1, or a
+    JPEG's noise) counts every pixel > 0 as defective, and one ``UserWarning``
+    per scan names the first such mask and how many there are.
 
     Raises:
         DefectflowError: naming the path, when the source folder is missing,
@@ -139,7 +146,7 @@ def scan_dataset(
             raise DefectflowError("dataset source is not a folder", root)
     candidates = reader.find_candidates(root, options)
 
-    rows, skipped = _read_candidates(candidates)
+    rows, skipped = _read_candidates(candidates, max_image_pixels)
     if not rows:
         raise DefectflowError(f"no usable images found for the {layout!r} layout", root)
     _check_annotations(rows)
@@ -160,11 +167,13 @@ def scan_dataset(
     return ScanResult(manifest=manifest, skipped=skipped)
 
 
-def _read_candidates(candidates: list[Candidate]) -> tuple[list[dict], list[tuple[str, str]]]:
+def _read_candidates(candidates: list[Candidate], max_pixels: int = MAX_IMAGE_PIXELS
+                     ) -> tuple[list[dict], list[tuple[str, str]]]:
     """Open every candidate: size, hash and mask check; unreadable images are skipped."""
     rows: list[dict] = []
     skipped: list[tuple[str, str]] = []
-    inspected = map_in_threads(_inspect_candidate, candidates)
+    inspected = map_in_threads(partial(_inspect_candidate, max_pixels=max_pixels), candidates)
+    not_binary: list[tuple[str, list[int]]] = []
     # Warnings are raised here, in the calling thread, where warning filters and pytest see them.
     for candidate, (row, reason) in zip(candidates, inspected):
         if row is None:
@@ -172,22 +181,35 @@ def _read_candidates(candidates: list[Candidate]) -> tuple[list[dict], list[tupl
             warnings.warn(message, UserWarning, stacklevel=3)
             skipped.append((str(candidate.path), reason))
         else:
+            mask_values = row.pop("_mask_values", None)
+            if mask_values is not None:
+                not_binary.append((row["mask_path"], mask_values))
             rows.append(row)
+    if not_binary:
+        first, values = not_binary[0]
+        shown = ", ".join(map(str, values[:6])) + (" ..." if len(values) > 6 else "")
+        warnings.warn(f"{first}: mask has values other than 0 and 255 ({shown}); every pixel "
+                      f"> 0 counts as defective ({len(not_binary)} such mask file(s))",
+                      UserWarning, stacklevel=3)
     return rows, skipped
 
 
-def _inspect_candidate(candidate: Candidate) -> tuple[dict | None, str | None]:
+def _inspect_candidate(candidate: Candidate, max_pixels: int = MAX_IMAGE_PIXELS
+                       ) -> tuple[dict | None, str | None]:
     """A manifest row for one image, or (None, reason) when the image cannot be read."""
     try:
-        width, height, channels = image_header(candidate.path)
-    except (DefectflowError, OSError) as error:
-        return None, error.problem if isinstance(error, DefectflowError) else str(error)
+        width, height, channels = image_header(candidate.path, max_pixels)
+    except Exception as error:  # noqa: BLE001 - whatever the decoder raised: skip the image
+        return None, error.problem if isinstance(error, DefectflowError) else (
+            f"{type(error).__name__}: {error}")
     label, defect_type = candidate.label, candidate.defect_type
+    mask_values = None
     if candidate.mask_path is not None:
         # Raises, naming the mask file.
-        mask = read_mask(candidate.mask_path, expected_hw=(height, width))
+        values = mask_levels(candidate.mask_path, expected_hw=(height, width))
+        mask_values = [v for v in values if v not in (0, 255)] or None
         if candidate.label_from_mask:
-            label = int(mask.any())
+            label = int(values.max() > 0)
             defect_type = DEFECT if label else GOOD
     row = {
         "image_id": candidate.image_id,
@@ -206,6 +228,8 @@ def _inspect_candidate(candidate: Candidate) -> tuple[dict | None, str | None]:
         ),
         **candidate.extra,
     }
+    if mask_values is not None:
+        row["_mask_values"] = mask_values  # warned about once, in the calling thread
     return row, None
 
 

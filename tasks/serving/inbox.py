@@ -2,7 +2,12 @@
 
 For each image file directly in the inbox (suffixes of ``images.IMAGE_SUFFIXES``):
 
-- unreadable -> moved to ``<inbox>/quarantine/`` beside ``<name>.reason.txt``;
+- unreadable, over the pixel limit (``images.MAX_IMAGE_PIXELS``, read from the header
+  before decoding) or failing in the scorer on its own -> moved to ``<inbox>/quarantine/``
+  beside ``<name>.reason.txt``; the other images of the batch are scored all the same;
+- sent again (same name and content as an image already in ``done/``) -> moved to
+  ``done/`` under a free name and counted as a duplicate (``n_duplicates``), not scored:
+  its row is the first one's;
 - readable   -> scored; ``<out>/maps/<stem>.npy`` (float32 anomaly map at the
   image's resolution) and ``<out>/overlays/<stem>.png`` are written, a row is
   appended to ``<out>/results.csv``, and only then the image is moved to
@@ -12,7 +17,8 @@ Crash safety: outputs are written to temporary names and renamed into place,
 the results row is flushed to disk before the image moves, and a file is never
 overwritten (a name already taken gets a ``-1``, ``-2``... suffix). An image
 whose name and content hash are already in results.csv (a crash between the
-row and the move) is moved to done/ without being scored again. A lock file
+row and the move, so the row's ``done`` file is not there) is moved to done/ without being
+scored again. A lock file
 in ``<out>`` keeps two overlapping batches (a slow run and the next scheduled
 one) from scoring the same inbox at once.
 
@@ -35,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DefectflowError
-from ..images import IMAGE_SUFFIXES, file_hash, read_image
+from ..images import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, file_hash, read_image
 
 RESULT_COLUMNS = ["image", "score", "threshold", "verdict", "model", "model_version", "time",
                   "sha256", "map", "overlay", "done"]
@@ -50,13 +56,15 @@ class InboxBatch:
     rows: list[dict] = field(default_factory=list)         # results.csv rows written now
     quarantined: list[dict] = field(default_factory=list)  # {"image", "reason", "moved_to"}
     recovered: list[str] = field(default_factory=list)     # scored before a crash, now moved
+    # sent again, already in done/: {"image", "sha256", "moved_to", "first_done"}
+    duplicates: list[dict] = field(default_factory=list)
     busy: bool = False                                     # another batch held the lock
 
     @property
     def counts(self) -> dict[str, int]:
         return {"n_scored": len(self.rows), "n_quarantined": len(self.quarantined),
                 "n_defective": sum(r["verdict"] == "defective" for r in self.rows),
-                "n_recovered": len(self.recovered)}
+                "n_recovered": len(self.recovered), "n_duplicates": len(self.duplicates)}
 
 
 def pending_images(inbox: str | Path) -> list[Path]:
@@ -118,11 +126,19 @@ def _append_row(results: Path, row: dict) -> None:
         os.fsync(handle.fileno())  # the row is on disk before the image leaves the inbox
 
 
-def _scored_before(results: Path) -> set[tuple[str, str]]:
+def _scored_before(results: Path) -> dict[tuple[str, str], str]:
+    """(image name, sha256) -> the ``done`` path of its row in results.csv."""
     if not results.exists() or results.stat().st_size == 0:
-        return set()
-    table = pd.read_csv(results, usecols=["image", "sha256"], dtype=str)
-    return set(zip(table["image"], table["sha256"]))
+        return {}
+    table = pd.read_csv(results, usecols=["image", "sha256", "done"], dtype=str)
+    return dict(zip(zip(table["image"], table["sha256"]), table["done"]))
+
+
+def _quarantine(path: Path, inbox: Path, problem: str, batch: InboxBatch) -> None:
+    moved = _move(path, inbox / QUARANTINE)
+    reason = moved.with_name(moved.name + ".reason.txt")
+    reason.write_text(f"{path.name}: {problem}\n")
+    batch.quarantined.append({"image": path.name, "reason": problem, "moved_to": str(moved)})
 
 
 class _Lock:
@@ -164,27 +180,50 @@ def score_inbox(inbox: str | Path, out: str | Path,
             if not path.exists():  # taken by someone else since the listing
                 continue
             try:
-                read_image(path)
-            except DefectflowError as exc:
-                moved = _move(path, inbox / QUARANTINE)
-                reason = moved.with_name(moved.name + ".reason.txt")
-                reason.write_text(f"{path.name}: {exc.problem}\n")
-                batch.quarantined.append({"image": path.name, "reason": exc.problem,
-                                          "moved_to": str(moved)})
+                read_image(path, MAX_IMAGE_PIXELS)  # bounded from the header, then decoded
+            except DefectflowError as exc:  # every decoder error arrives as one
+                _quarantine(path, inbox, exc.problem, batch)
                 continue
             digest = file_hash(path)
             if (path.name, digest) in seen:
-                _move(path, inbox / DONE)  # its row was written before a crash
-                batch.recovered.append(path.name)
+                first_done = seen[(path.name, digest)]
+                moved = _move(path, inbox / DONE)
+                if Path(first_done).is_file():  # sent again: the first copy is in done/
+                    batch.duplicates.append({"image": path.name, "sha256": digest,
+                                             "moved_to": str(moved), "first_done": first_done})
+                else:  # its row was written before a crash, the move never happened
+                    batch.recovered.append(path.name)
                 continue
             readable.append((path, digest))
         for start in range(0, len(readable), CHUNK):
             chunk = readable[start:start + CHUNK]
-            scored = scorer([str(p) for p, _ in chunk])
-            for (path, digest), result in zip(chunk, scored.itertuples(index=False)):
+            for (path, digest), result in _score_chunk(scorer, chunk, inbox, batch):
                 batch.rows.append(_record(path, digest, result, inbox, out, results, model,
                                           model_version, map_vmax))
     return batch
+
+
+def _score_chunk(scorer: Callable[[list[str]], pd.DataFrame], chunk: list[tuple[Path, str]],
+                 inbox: Path, batch: InboxBatch) -> list[tuple[tuple[Path, str], object]]:
+    """(image, result row) of every image of ``chunk`` the scorer scores.
+
+    When the chunk fails on bad input, each image is scored on its own: one that still
+    fails with a DefectflowError (its own input) is quarantined with the reason and the
+    others are scored. Any other error (the model, the machine) stops the batch and leaves
+    the images in the inbox for the next one."""
+    try:
+        scored = scorer([str(p) for p, _ in chunk])
+        return list(zip(chunk, scored.itertuples(index=False)))
+    except DefectflowError:
+        if len(chunk) == 1:
+            raise
+    done = []
+    for item in chunk:
+        try:
+            done.extend(_score_chunk(scorer, [item], inbox, batch))
+        except DefectflowError as exc:
+            _quarantine(item[0], inbox, exc.problem, batch)
+    return done
 
 
 def _record(path: Path, digest: str, result, inbox: Path, out: Path, results: Path,

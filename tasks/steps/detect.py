@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..cache import Ref, cached_folder
+from ..cache import Ref, allocated_memmap, cached_folder
 from ..errors import DefectflowError
 from ..feature_settings import FeatureSettings
 from ..features import FeatureStoreRef
@@ -92,8 +92,7 @@ def score_into(detector, batch: PatchSet, folder: Path) -> None:
     ``folder``; real and synthetic images go through this one path."""
     # Streamed to disk: memory stays bounded for any number of patches.
     size = batch.input_size
-    maps = np.lib.format.open_memmap(folder / "anomaly_maps.npy", mode="w+",
-                                     dtype=np.float16, shape=(len(batch), size, size))
+    maps = allocated_memmap(folder / "anomaly_maps.npy", np.float16, (len(batch), size, size))
     scores = score_pieces(detector, batch, maps)
     maps.flush()
     del maps

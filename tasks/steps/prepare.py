@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import datasets
-from ..cache import Ref, cache_path, write_table
+from ..cache import Ref, cache_path, write_table, write_text
 from ..errors import DefectflowError
 from ..feature_settings import FeatureSettings
 from ..features import FeatureStoreRef, extract_features
-from ..images import text_hash
+from ..images import MAX_IMAGE_PIXELS, text_hash
 from ..normalization import normalization_stats
 from ..patches import plan_patches
 from .common import category_rows, image_paths, step_key
@@ -26,7 +26,14 @@ class ScanRefs:
     skipped: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
     def exists(self) -> bool:
-        return self.manifest.exists() and self.counts.exists()
+        """The tables are there, and so is every image or mask file the scan wrote into the
+        cache (``<cache_dir>/datasets``: elpv's images, merged masks)."""
+        if not (self.manifest.exists() and self.counts.exists()):
+            return False
+        written = Path(self.manifest.path).resolve().parents[1] / "datasets"
+        table = self.manifest.table()
+        files = [*table["path"], *table["mask_path"].dropna()]
+        return all(Path(f).is_file() for f in files if Path(f).is_relative_to(written))
 
 
 # -- 1. scan + categorize ---------------------------------------------------------
@@ -57,17 +64,22 @@ def scan_step(dataset: dict, fingerprint: str, cache_dir: str) -> ScanRefs:
     """Manifest (with validation hold-out) and count table of a data source."""
     # The dataset's display name does not change the manifest: keep it out of the key.
     relevant = {k: v for k, v in dataset.items() if k != "name"}
+    max_pixels = relevant.pop("max_image_pixels", MAX_IMAGE_PIXELS)
+    if max_pixels != MAX_IMAGE_PIXELS:  # the default leaves the keys of earlier runs as they were
+        relevant["max_image_pixels"] = max_pixels
     key = step_key("scan", fingerprint, json.dumps(relevant, sort_keys=True))
     manifest_path = cache_path(cache_dir, "manifests", key, ".parquet")
     counts_path = cache_path(cache_dir, "tables", f"counts-{key}", ".parquet")
     skipped_path = cache_path(cache_dir, "tables", f"skipped-{key}", ".json")
     if manifest_path.exists() and counts_path.exists() and skipped_path.exists():
         skipped = tuple(tuple(x) for x in json.loads(skipped_path.read_text()))
-        return ScanRefs(Ref(str(manifest_path), key), Ref(str(counts_path), key), skipped)
+        found = ScanRefs(Ref(str(manifest_path), key), Ref(str(counts_path), key), skipped)
+        if found.exists():
+            return found
     result = datasets.scan_dataset(
         dataset["layout"], dataset.get("path"), category=dataset.get("category"),
         train_fraction=dataset["train_fraction"], seed=dataset["seed"],
-        materialize_dir=Path(cache_dir) / "datasets")
+        materialize_dir=Path(cache_dir) / "datasets", max_image_pixels=max_pixels)
     manifest = result.manifest
     if dataset.get("categories"):
         wanted = set(dataset["categories"])
@@ -79,9 +91,16 @@ def scan_step(dataset: dict, fingerprint: str, cache_dir: str) -> ScanRefs:
         manifest = manifest[manifest["category"].isin(wanted)].reset_index(drop=True)
     manifest = datasets.holdout_validation(manifest, dataset["validation_fraction"],
                                            dataset["seed"])
+    untrained = sorted(set(manifest["category"]) - set(
+        manifest.loc[manifest["split"] == "train", "category"]))
+    if untrained:
+        raise DefectflowError(
+            f"category {untrained[0]!r} has no good image to train on (its folder of good "
+            f"training images is empty, missing, or all its images were skipped)",
+            dataset.get("path") or Path(cache_dir) / "datasets" / dataset["layout"])
     write_table(manifest, manifest_path)
     write_table(datasets.count_table(manifest), counts_path)
-    skipped_path.write_text(json.dumps([list(s) for s in result.skipped]))
+    write_text(json.dumps([list(s) for s in result.skipped]), skipped_path)
     return ScanRefs(Ref(str(manifest_path), key), Ref(str(counts_path), key),
                     tuple(tuple(s) for s in result.skipped))
 
