@@ -141,8 +141,10 @@ def _init_lock(uri: str) -> Iterator[None]:
         if path is None:
             yield
             return
+        path = path.resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)  # as MLflow would for the database
         # The lock file stays: removing it would let a late process lock another inode.
-        with open(f"{path.resolve()}.lock", "a") as handle:
+        with open(f"{path}.lock", "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
