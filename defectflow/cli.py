@@ -10,6 +10,7 @@ import atexit
 import errno
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,12 @@ def default_params_path() -> Path | None:
 
 # The detectors' columns of the run summary, after category and method.
 SUMMARY_COLUMNS = ("image_auroc", "pixel_auroc", "f1_max", "accuracy")
+
+# OSErrors caused by the environment rather than the code: reported in one line (exit 2).
+_ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+# How Prefect's log messages name one ("... failed with exception: OSError(30, ...").
+_ENVIRONMENT_OSERROR = re.compile(
+    r"(OSError|PermissionError)\((%s)," % "|".join(map(str, sorted(_ENVIRONMENT_ERRNOS))))
 
 
 def print_summary(summary: PipelineSummary) -> None:
@@ -70,14 +77,18 @@ def print_summary(summary: PipelineSummary) -> None:
 
 
 class _HideInputErrors(logging.Filter):
-    """Prefect logs a failed task's traceback; for bad input the CLI's one line says it all."""
+    """Prefect logs a failed task's traceback; for bad input, or a read-only or full disk, the
+    CLI's one line says it all."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from defectflow.tasks.errors import DefectflowError
 
-        if record.exc_info and isinstance(record.exc_info[1], DefectflowError):
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, DefectflowError) or (isinstance(error, OSError)
+                                                  and error.errno in _ENVIRONMENT_ERRNOS):
             return False
-        return "DefectflowError" not in record.getMessage()
+        message = record.getMessage()
+        return "DefectflowError" not in message and not _ENVIRONMENT_OSERROR.search(message)
 
 
 def _quiet_prefect_input_errors() -> None:
@@ -241,10 +252,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--verbose", action="store_true", help="show Prefect's logs")
     serve.set_defaults(func=cmd_serve)
     return parser
-
-
-# OSErrors caused by the environment rather than the code: reported in one line (exit 2).
-_ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
 def one_line(message: str) -> str:
