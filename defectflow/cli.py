@@ -179,16 +179,14 @@ def cmd_score(args) -> int:
 def cmd_serve(args) -> int:
     """Serve the training pipeline as a Prefect deployment on a cron or interval schedule."""
     from defectflow.tasks.errors import DefectflowError
-    from defectflow.tasks.params import ParamsOrigin, load_params, parse_overrides
+    from defectflow.tasks.params import (ParamsOrigin, error_message, load_params,
+                                         parse_overrides)
 
     if args.interval is not None and args.interval <= 0:
         raise DefectflowError(f"--interval must be a positive number of seconds, "
                               f"got {args.interval:g}")
     overrides = parse_overrides(args.set or [])
     params = load_params(args.params, overrides)  # bad params fail now, not at the first run
-    from defectflow.flows.preflight import preflight
-
-    preflight(params, ParamsOrigin(args.params, overrides))
     from prefect.settings import Settings
 
     api_url = Settings().api.url  # read now from the environment and profile
@@ -199,11 +197,16 @@ def cmd_serve(args) -> int:
         try:
             CronSchedule(cron=args.cron)
         except ValidationError as exc:
-            raise DefectflowError(f"--cron {args.cron!r}: {exc.errors()[0]['msg']}") from None
+            raise DefectflowError(f"--cron {args.cron!r}: {error_message(exc.errors()[0])}"
+                                  ) from None
     if not api_url:
         # Prefect's temporary server has no scheduler: scheduled runs would never start.
         raise DefectflowError("serve needs a Prefect server with a scheduler: run `prefect "
                               "server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
+    from defectflow.flows.preflight import preflight
+
+    # After the arguments' own checks: those need no folder or store to be touched.
+    preflight(params, ParamsOrigin(args.params, overrides))
     from defectflow.flows.schedule import serve
 
     when = f"cron {args.cron!r}" if args.cron is not None else f"every {args.interval:g} s"

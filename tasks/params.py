@@ -228,7 +228,7 @@ def method_params(name: str, options: dict[str, Any], layers: list[str] | None):
         raise ValueError(_first_error(exc)) from None
 
 
-def _message(err: dict) -> str:
+def error_message(err: dict) -> str:
     """pydantic's message without its "Value error, " prefix (nested validation repeats it)."""
     return re.sub(r"^(Value error, )+", "", err["msg"])
 
@@ -236,7 +236,7 @@ def _message(err: dict) -> str:
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"])
-    return f"{where}: {_message(err)}" if where else _message(err)
+    return f"{where}: {error_message(err)}" if where else error_message(err)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,7 +312,7 @@ def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None
         errors = exc.errors()
         err = errors[0]
         where = ".".join(str(p) for p in err["loc"])
-        message = _message(err)
+        message = error_message(err)
         if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             message = "unknown key"
         raise DefectflowError(f"{where}: {message}", origin.of(where)) from None

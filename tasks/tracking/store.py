@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import sqlite3
 import urllib.error
 import urllib.request
@@ -169,6 +170,21 @@ def _init_lock(uri: str) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """MLflow's "Creating initial MLflow database tables..." lines would stand before a later
+    one-line error: creating the tables is not news."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def prepare_store(uri: str) -> None:
     """Have MLflow create or upgrade the tracking and registry tables once, under the store's
     lock. MLflow keeps the store objects per process, so later clients reuse them."""
@@ -176,7 +192,7 @@ def prepare_store(uri: str) -> None:
     import sqlalchemy
     from mlflow.tracking import MlflowClient
 
-    with _init_lock(uri):
+    with _init_lock(uri), _quiet("mlflow.store.db.utils", "alembic"):
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         try:
             client.search_experiments(max_results=1)
