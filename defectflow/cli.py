@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import errno
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -36,22 +38,14 @@ def default_params_path() -> Path | None:
     return None
 
 
-def _parse_overrides(items: list[str]) -> dict:
-    import yaml
-
-    from defectflow.tasks.errors import DefectflowError
-
-    overrides = {}
-    for item in items:
-        if "=" not in item:
-            raise DefectflowError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(value)
-    return overrides
-
-
 # The detectors' columns of the run summary, after category and method.
 SUMMARY_COLUMNS = ("image_auroc", "pixel_auroc", "f1_max", "accuracy")
+
+# OSErrors caused by the environment rather than the code: reported in one line (exit 2).
+_ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+# How Prefect's log messages name one ("... failed with exception: OSError(30, ...").
+_ENVIRONMENT_OSERROR = re.compile(
+    r"(OSError|PermissionError)\((%s)," % "|".join(map(str, sorted(_ENVIRONMENT_ERRNOS))))
 
 
 def print_summary(summary: PipelineSummary) -> None:
@@ -83,14 +77,18 @@ def print_summary(summary: PipelineSummary) -> None:
 
 
 class _HideInputErrors(logging.Filter):
-    """Prefect logs a failed task's traceback; for bad input the CLI's one line says it all."""
+    """Prefect logs a failed task's traceback; for bad input, or a read-only or full disk, the
+    CLI's one line says it all."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from defectflow.tasks.errors import DefectflowError
 
-        if record.exc_info and isinstance(record.exc_info[1], DefectflowError):
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, DefectflowError) or (isinstance(error, OSError)
+                                                  and error.errno in _ENVIRONMENT_ERRNOS):
             return False
-        return "DefectflowError" not in record.getMessage()
+        message = record.getMessage()
+        return "DefectflowError" not in message and not _ENVIRONMENT_OSERROR.search(message)
 
 
 def _quiet_prefect_input_errors() -> None:
@@ -104,13 +102,14 @@ def cmd_run(args) -> int:
 
     # Prefect's local API server boots (one core) while we import and validate (the other).
     server.start_early()
-    from defectflow.tasks.params import load_params
+    from defectflow.tasks.params import ParamsOrigin, load_params, parse_overrides
 
     path = args.params or default_params_path()
-    params = load_params(path, _parse_overrides(args.set or []))
+    overrides = parse_overrides(args.set or [])
+    params = load_params(path, overrides)
     from defectflow.flows.preflight import preflight
 
-    preflight(params)
+    preflight(params, ParamsOrigin(path, overrides))  # data, devices, cache and store first
     print(f"defectflow: {params.dataset_name} with {params.features.backbone}, "
           f"methods {sorted(params.methods)}  (params: {path or 'built-in defaults'})", flush=True)
     from defectflow.flows.runners import run_pipeline
@@ -138,11 +137,19 @@ def cmd_score(args) -> int:
         raise DefectflowError("--every needs a Prefect server with a scheduler: run "
                               "`python3 -m defectflow.prefect_server` and set PREFECT_API_URL="
                               "http://127.0.0.1:4200/api")
-    out.mkdir(parents=True, exist_ok=True)
     from defectflow.tasks.params import TrackingParams
+    from defectflow.tasks.storage import writable_folder
 
+    # Scored images move to done/ or quarantine/ inside the inbox; results go to --out.
+    writable_folder(inbox, "--inbox")
+    writable_folder(out, "--out")
     # As for `run`: --tracking-uri, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.
     args.tracking_uri = TrackingParams(uri=args.tracking_uri).resolved_uri()
+    from defectflow.tasks.tracking.store import check_store
+
+    # The store must already hold the model: a mistyped SQLite path is an error, not a new
+    # empty database; an unreachable server fails in seconds.
+    check_store(args.tracking_uri, create=False)
     parameters = dict(model=args.model, inbox=str(inbox.resolve()), out=str(out.resolve()),
                       tracking_uri=args.tracking_uri)
     from defectflow import server
@@ -175,16 +182,14 @@ def cmd_score(args) -> int:
 def cmd_serve(args) -> int:
     """Serve the training pipeline as a Prefect deployment on a cron or interval schedule."""
     from defectflow.tasks.errors import DefectflowError
-    from defectflow.tasks.params import load_params
+    from defectflow.tasks.params import (ParamsOrigin, error_message, load_params,
+                                         parse_overrides)
 
     if args.interval is not None and args.interval <= 0:
         raise DefectflowError(f"--interval must be a positive number of seconds, "
                               f"got {args.interval:g}")
-    overrides = _parse_overrides(args.set or [])
+    overrides = parse_overrides(args.set or [])
     params = load_params(args.params, overrides)  # bad params fail now, not at the first run
-    from defectflow.flows.preflight import preflight
-
-    preflight(params)
     from prefect.settings import Settings
 
     api_url = Settings().api.url  # read now from the environment and profile
@@ -195,11 +200,16 @@ def cmd_serve(args) -> int:
         try:
             CronSchedule(cron=args.cron)
         except ValidationError as exc:
-            raise DefectflowError(f"--cron {args.cron!r}: {exc.errors()[0]['msg']}") from None
+            raise DefectflowError(f"--cron {args.cron!r}: {error_message(exc.errors()[0])}"
+                                  ) from None
     if not api_url:
         # Prefect's temporary server has no scheduler: scheduled runs would never start.
         raise DefectflowError("serve needs a Prefect server with a scheduler: run `prefect "
                               "server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
+    from defectflow.flows.preflight import preflight
+
+    # After the arguments' own checks: those need no folder or store to be touched.
+    preflight(params, ParamsOrigin(args.params, overrides))
     from defectflow.flows.schedule import serve
 
     when = f"cron {args.cron!r}" if args.cron is not None else f"every {args.interval:g} s"
@@ -250,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(message: str) -> str:
+    """An error message on one line (a driver's message may span several)."""
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for key, value in _ENV_DEFAULTS.items():
@@ -261,7 +276,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except DefectflowError as exc:
-        print(f"defectflow: error: {exc}", file=sys.stderr)
+        print(f"defectflow: error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        # The machine's, not the code's: a read-only or full disk, a permission. One line.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"defectflow: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("defectflow: interrupted (finished steps stay cached)", file=sys.stderr)

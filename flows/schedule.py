@@ -20,7 +20,7 @@ from prefect.types.entrypoint import EntrypointType
 
 from defectflow.flows.preflight import preflight
 from defectflow.flows.runners import run_pipeline
-from defectflow.tasks.params import load_params
+from defectflow.tasks.params import ParamsOrigin, load_params
 
 DEFAULT_DEPLOYMENT = "scheduled"
 
@@ -29,7 +29,7 @@ DEFAULT_DEPLOYMENT = "scheduled"
 def scheduled_training(params_path: str, overrides: dict[str, Any] | None = None) -> dict:
     """Load the params file (plus overrides) and run the training pipeline once."""
     params = load_params(params_path, overrides or {})
-    preflight(params)
+    preflight(params, ParamsOrigin(params_path, dict(overrides or {})))
     summary = run_pipeline(params, verbose=False)
     for r in summary.results:  # log_prints: these lines land in the flow run's logs (UI)
         print(f"{r.category} / {r.method}: image AUROC {r.metrics.get('image_auroc')}")

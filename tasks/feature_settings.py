@@ -6,7 +6,11 @@ without loading torch.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+#: ``features.device``: auto (a GPU when torch sees one), cpu, cuda or cuda:N.
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
 @dataclass(frozen=True)
@@ -32,3 +36,5 @@ class FeatureSettings:
             raise ValueError(f"input_size must be from 32 to 2048, got {self.input_size}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")

@@ -36,6 +36,16 @@ class DatasetParams(_Strict):
     # Larger images (from their header) are skipped undecoded; OpenCV's own cap is 2**30.
     max_image_pixels: int = Field(MAX_IMAGE_PIXELS, gt=0, le=OPENCV_MAX_IMAGE_PIXELS)
 
+    @field_validator("category")
+    @classmethod
+    def _one_folder_name(cls, category):
+        # A category names folders of the cache and of MLflow's artifacts.
+        if category is not None and (category in ("", ".", "..") or "/" in category
+                                     or "\\" in category):
+            raise ValueError(f"{category!r} is not a usable category name (no path "
+                             "separators, not '.' or '..')")
+        return category
+
 
 class PatchParams(_Strict):
     size: int | None = Field(None, gt=0)    # None: each whole image is one patch
@@ -164,6 +174,9 @@ class PipelineParams(_Strict):
     execution: ExecutionParams = ExecutionParams()
     registry: RegistryParams = RegistryParams()
     cache_dir: str = ".defectflow-cache"
+    # Free space (GiB) the cache folder and a SQLite store's folder need before a run starts
+    # (checked by flows/preflight.py); 0 turns the check off.
+    min_free_gb: float = Field(1.0, ge=0)
 
     @field_validator("methods")
     @classmethod
@@ -218,7 +231,7 @@ def method_params(name: str, options: dict[str, Any], layers: list[str] | None):
         raise ValueError(_first_error(exc)) from None
 
 
-def _message(err: dict) -> str:
+def error_message(err: dict) -> str:
     """pydantic's message without its "Value error, " prefix (nested validation repeats it)."""
     return re.sub(r"^(Value error, )+", "", err["msg"])
 
@@ -226,12 +239,55 @@ def _message(err: dict) -> str:
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"])
-    return f"{where}: {_message(err)}" if where else _message(err)
+    return f"{where}: {error_message(err)}" if where else error_message(err)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamsOrigin:
+    """Where the settings of a run come from: a params file (None: the defaults) and ``--set``
+    overrides. Errors about a setting name the one that set it."""
+
+    path: str | Path | None = None
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def of(self, key: str) -> str:
+        """``--set KEY=VALUE`` when an override set ``key`` (or a part of it or above it),
+        else the params file."""
+        for dotted, value in self.overrides.items():
+            if key == dotted or key.startswith(f"{dotted}.") or dotted.startswith(f"{key}."):
+                return f"--set {dotted}={override_text(value)}"
+        return str(self.path) if self.path is not None else "<defaults>"
+
+
+def override_text(value: Any) -> str:
+    """An override's value as it would be typed after ``--set KEY=``."""
+    if isinstance(value, str):
+        return value
+    return yaml.safe_dump(value, default_flow_style=True, width=10 ** 6).strip().removesuffix(
+        "...").strip()
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items -> {dotted key: YAML value}; a bad item is a one-line error."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise DefectflowError(f"--set expects KEY=VALUE with a dotted KEY, got {item!r}")
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise DefectflowError(f"value is not valid YAML ({str(exc).splitlines()[0]})",
+                                  f"--set {item}") from None
+    return overrides
 
 
 def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None = None
                 ) -> PipelineParams:
-    """Read and validate a params YAML (defaults when ``path`` is None)."""
+    """Read and validate a params YAML (defaults when ``path`` is None); errors name the file,
+    or the ``--set`` override that caused them."""
+    origin = ParamsOrigin(path, dict(overrides or {}))
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -246,8 +302,12 @@ def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
-        for key in parents:
+        for depth, key in enumerate(parents):
             node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                above = ".".join(parents[:depth + 1])
+                raise DefectflowError(f"{above} is not a mapping of settings",
+                                      origin.of(dotted))
         node[leaf] = value
     try:
         return PipelineParams.model_validate(data)
@@ -255,10 +315,10 @@ def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None
         errors = exc.errors()
         err = errors[0]
         where = ".".join(str(p) for p in err["loc"])
-        message = _message(err)
+        message = error_message(err)
         if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             message = "unknown key"
-        raise DefectflowError(f"{where}: {message}", path or "<defaults>") from None
+        raise DefectflowError(f"{where}: {message}", origin.of(where)) from None
 
 
 def flatten(params: PipelineParams) -> dict[str, str]:
@@ -273,7 +333,10 @@ def flatten(params: PipelineParams) -> dict[str, str]:
             out[prefix] = str(value)
 
     walk("", params.model_dump(mode="json"))
-    # The URI actually used, never its password (a PostgreSQL URI may carry one).
-    out["tracking.uri"] = re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@",
-                                 params.tracking.resolved_uri())
+    out["tracking.uri"] = redacted_uri(params.tracking.resolved_uri())  # the URI actually used
     return out
+
+
+def redacted_uri(uri: str) -> str:
+    """``uri`` without its password (a PostgreSQL URI may carry one), for logs and errors."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", uri)

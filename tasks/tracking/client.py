@@ -4,7 +4,10 @@ and where an experiment's artifacts go when it is created."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import logging
+import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import mlflow
@@ -31,18 +34,21 @@ class Tracker:
         if found is None:
             # MLflow would fix an absolute <cwd>/mlruns location; keep artifacts beside the store.
             root = artifact_root or _default_artifact_root(uri)
-            location = None if root is None else (Path(root) / experiment).resolve().as_uri()
+            location = (None if root is None
+                        else (Path(root) / artifact_folder(experiment)).resolve().as_uri())
             self.experiment_id = self.client.create_experiment(
                 experiment, artifact_location=location)
         else:
             self.experiment_id = found.experiment_id
         self.parent_id: str | None = None
+        self.open_runs: list[str] = []  # started, not yet ended: end_open closes them
 
     # -- runs --------------------------------------------------------------------
     def start_parent(self, run_name: str, params: Mapping[str, str],
                      tags: Mapping[str, str]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags))
         self.parent_id = run.info.run_id
+        self.open_runs.append(self.parent_id)
         self.log_params(self.parent_id, params)
         return self.parent_id
 
@@ -50,11 +56,38 @@ class Tracker:
                     tags: Mapping[str, str]) -> str:
         tags = {**tags, "mlflow.parentRunId": self.parent_id}
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        self.open_runs.append(run.info.run_id)
         self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def start_run(self, run_name: str, tags: Mapping[str, str]) -> str:
+        """A run of its own (no parent), ended by ``finish`` or ``end_open``."""
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags))
+        self.open_runs.append(run.info.run_id)
         return run.info.run_id
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+        if run_id in self.open_runs:
+            self.open_runs.remove(run_id)
+
+    @contextlib.contextmanager
+    def ending_runs(self) -> Iterator[Tracker]:
+        """Every run started inside ends: the ones still open when an exception (or Ctrl+C)
+        leaves the block are marked FAILED, children first, and the exception goes on."""
+        try:
+            yield self
+        except BaseException:
+            self.end_open("FAILED")
+            raise
+
+    def end_open(self, status: str = "FAILED") -> None:
+        for run_id in reversed(list(self.open_runs)):
+            try:
+                self.finish(run_id, status)
+            except Exception:  # noqa: BLE001  the store itself may be what failed: keep going
+                logging.getLogger(__name__).warning("could not mark MLflow run %s %s",
+                                                    run_id, status)
 
     # -- values --------------------------------------------------------------------
     def log_params(self, run_id: str, params: Mapping[str, object]) -> None:
@@ -88,6 +121,14 @@ class Tracker:
         else:
             table.to_csv(target, index=False)
         self.log_file(run_id, target)
+
+
+def artifact_folder(experiment: str) -> str:
+    """The experiment's artifact folder name: the experiment name (from ``dataset.name``)
+    with anything but letters, digits, ``.``, ``_`` and ``-`` replaced, and no leading dot, so
+    a name like ``../evil`` stays inside the artifact root."""
+    folder = re.sub(r"[^A-Za-z0-9._-]", "_", experiment).lstrip(".")
+    return folder or "experiment"
 
 
 def _default_artifact_root(uri: str) -> Path | None:

@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from ..errors import DefectflowError
 from .client import Tracker
+from .store import check_store
 
 
 def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
@@ -31,6 +32,7 @@ def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
 def resolve_model(ref: str, uri: str) -> dict:
     """The registered version a reference points at: name, version, run_id, uri, tags."""
     name, alias, version = parse_model_ref(ref)
+    check_store(uri, create=False)  # a mistyped SQLite path must not become an empty store
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
         found = (client.get_model_version_by_alias(name, alias) if alias
@@ -60,17 +62,16 @@ def log_scoring_batch(uri: str, experiment: str, model: dict, counts: Mapping[st
     """One MLflow run per scored inbox batch: the model and version as params, the counts as
     metrics and the batch's tables (``results.csv``, ``quarantined.csv``) as artifacts."""
     tracker = Tracker(uri, experiment)
-    run = tracker.client.create_run(tracker.experiment_id, run_name=f"score-{model['name']}",
-                                    tags={"model": model["name"], "model_version": model["version"],
-                                          **{k: model["tags"][k] for k in
-                                             ("dataset", "category", "method")
-                                             if k in model["tags"]}})
-    run_id = run.info.run_id
-    tracker.log_params(run_id, {"model": model["name"], "model_version": model["version"],
-                                "model_alias": model.get("alias") or "", **extra_params})
-    tracker.log_metrics(run_id, counts)
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, table in tables.items():
-            tracker.log_table(run_id, table, name, Path(tmp))
-    tracker.finish(run_id)
+    with tracker.ending_runs():  # a failure below marks the run FAILED, never RUNNING
+        run_id = tracker.start_run(f"score-{model['name']}",
+                                   {"model": model["name"], "model_version": model["version"],
+                                    **{k: model["tags"][k] for k in
+                                       ("dataset", "category", "method") if k in model["tags"]}})
+        tracker.log_params(run_id, {"model": model["name"], "model_version": model["version"],
+                                    "model_alias": model.get("alias") or "", **extra_params})
+        tracker.log_metrics(run_id, counts)
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, table in tables.items():
+                tracker.log_table(run_id, table, name, Path(tmp))
+        tracker.finish(run_id)
     return run_id

@@ -34,8 +34,21 @@ class TrackedRun:
 
 
 def registered_model_name(prefix: str, dataset: str, category: str, method: str) -> str:
-    """One registered model per (dataset, category, method): ``<prefix>-<dataset>-<category>-<method>``."""
-    return "-".join(str(part).replace("/", "_") for part in (prefix, dataset, category, method))
+    """One registered model per (dataset, category, method): ``<prefix>-<dataset>-<category>-<method>``.
+    A ``/`` or a double quote in a part becomes ``_`` (``filter_literal`` needs one quote kind
+    free); a single quote stays (``o'brien``)."""
+    return "-".join(str(part).replace("/", "_").replace('"', "_")
+                    for part in (prefix, dataset, category, method))
+
+
+def filter_literal(value: str) -> str:
+    """``value`` as a string in an MLflow search filter. MLflow's filter parser takes the text
+    between the quotes as is (no escapes), so the value goes in the quote kind it lacks."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"{value!r} holds both quote kinds: no MLflow filter can name it")
 
 
 def register_detector(tracker: Tracker, run_id: str, name: str, model_folder: str | Path,
@@ -70,7 +83,7 @@ def promote_best(client: MlflowClient, name: str, alias: str, metric: str,
     """Point ``alias`` at the version of ``name`` whose source run has the best ``metric``
     (ties: the newest version). Versions without the metric are not candidates."""
     candidates = []
-    for found in client.search_model_versions(f"name = '{name}'"):
+    for found in client.search_model_versions(f"name = {filter_literal(name)}"):
         try:
             value = client.get_run(found.run_id).data.metrics.get(metric)
         except mlflow.exceptions.MlflowException:
@@ -87,7 +100,8 @@ def promote_best(client: MlflowClient, name: str, alias: str, metric: str,
 def _version_with_tag(client: MlflowClient, name: str, key: str, value: str) -> str | None:
     """The newest version of registered model ``name`` tagged ``key=value``, or None."""
     try:
-        found = client.search_model_versions(f"name = '{name}' and tag.{key} = '{value}'")
+        found = client.search_model_versions(
+            f"name = {filter_literal(name)} and tag.{key} = {filter_literal(value)}")
     except mlflow.exceptions.MlflowException:
         return None  # no such registered model yet
     return str(max(int(v.version) for v in found)) if found else None

@@ -35,31 +35,34 @@ def record_pipeline(params, scanned, properties, results: list[DetectorResult],
     steps = pd.DataFrame(step_rows)
     all_cached = bool(len(steps)) and bool((steps["status"] == "cached").all())
     base_tags = {"dataset": params.dataset_name, "backbone": params.features.backbone}
-    parent = tracker.start_parent(f"{params.dataset_name}-pipeline", flatten(params),
-                                  {**base_tags, "all_steps_cached": str(all_cached)})
-    rows: list[ComparisonRow] = []
-    tracked: list[TrackedRun] = []  # detectors and fusions to register (params.registry)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        _log_data(tracker, parent, scanned, properties, steps, work)
-        for result in results:
-            tracked.append(_log_detector(tracker, params, base_tags, result))
-            rows.append(ComparisonRow(result.category, result.method, tracked[-1].run_id,
-                                      tracked[-1].metrics))
-        for fused in fusions or []:
-            tracked.append(_log_fusion(tracker, params, base_tags, fused))
-            rows.append(_fusion_row(tracked[-1]))
-        for plotted in plots or []:  # per category: curves, defect-type bars, t-SNE
-            if any(Path(plotted.plots.path).iterdir()):
-                tracker.log_folder(parent, plotted.plots.path, f"plots/{plotted.category}")
-        tracker.log_table(parent, pd.DataFrame([row.row() for row in rows]), "comparison.csv",
-                          work)
-        tracker.log_metrics(parent, {"total_seconds": seconds})
-    registered = []
-    if params.registry.enabled:  # model registry (off by default): see register_detectors
-        registered = (register_detectors(tracker, params, tracked)
-                      + register_fusions(tracker, params, tracked))
-    tracker.finish(parent)
+    # A failure anywhere below (a name MLflow rejects, a full disk) ends every run it
+    # opened as FAILED instead of leaving them RUNNING.
+    with tracker.ending_runs():
+        parent = tracker.start_parent(f"{params.dataset_name}-pipeline", flatten(params),
+                                      {**base_tags, "all_steps_cached": str(all_cached)})
+        rows: list[ComparisonRow] = []
+        tracked: list[TrackedRun] = []  # detectors and fusions to register (params.registry)
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            _log_data(tracker, parent, scanned, properties, steps, work)
+            for result in results:
+                tracked.append(_log_detector(tracker, params, base_tags, result))
+                rows.append(ComparisonRow(result.category, result.method, tracked[-1].run_id,
+                                          tracked[-1].metrics))
+            for fused in fusions or []:
+                tracked.append(_log_fusion(tracker, params, base_tags, fused))
+                rows.append(_fusion_row(tracked[-1]))
+            for plotted in plots or []:  # per category: curves, defect-type bars, t-SNE
+                if any(Path(plotted.plots.path).iterdir()):
+                    tracker.log_folder(parent, plotted.plots.path, f"plots/{plotted.category}")
+            tracker.log_table(parent, pd.DataFrame([row.row() for row in rows]),
+                              "comparison.csv", work)
+            tracker.log_metrics(parent, {"total_seconds": seconds})
+        registered = []
+        if params.registry.enabled:  # model registry (off by default): see register_detectors
+            registered = (register_detectors(tracker, params, tracked)
+                          + register_fusions(tracker, params, tracked))
+        tracker.finish(parent)
     return PipelineSummary(experiment=experiment, experiment_id=tracker.experiment_id,
                            parent_run_id=parent, all_steps_cached=all_cached,
                            results=tuple(rows), total_seconds=seconds,
