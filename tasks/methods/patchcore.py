@@ -22,6 +22,7 @@ from scipy.ndimage import gaussian_filter
 
 from ..coreset import StreamingCoreset
 from .base import FeatureDetector, PatchSet
+from .torch_heads import PatchCoreHead
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ def embed(feature_maps: dict[str, np.ndarray], layers,
 class PatchCore(FeatureDetector):
     name = "patchcore"
     Params = PatchCoreParams
+    export_refusal = None
 
     def __init__(self, params: PatchCoreParams | None = None):
         super().__init__(params)
@@ -137,8 +139,12 @@ class PatchCore(FeatureDetector):
             feats = embed(maps, self.params.layers, self.params.border_pooling)
             n, h, w, dim = feats.shape
             queries = feats.reshape(-1, dim).numpy()
-            sq_dist, nearest = self.index.search(queries, 1)
-            patch_scores = np.sqrt(np.maximum(sq_dist[:, 0], 0)).reshape(n, h * w)
+            _, nearest = self.index.search(queries, 1)
+            # faiss computes |q|^2 - 2 q.m + |m|^2, which loses small distances to
+            # cancellation: the distance to the neighbour found is taken directly (as in
+            # the exported graph, torch_heads.PatchCoreHead).
+            patch_scores = np.linalg.norm(queries - self.memory_bank[nearest[:, 0]],
+                                          axis=1).reshape(n, h * w)
             scores[part] = self._image_scores(queries.reshape(n, h * w, dim), patch_scores,
                                               nearest[:, 0].reshape(n, h * w))
             anomaly_maps[part] = self._anomaly_maps(patch_scores.reshape(n, h, w), size)
@@ -169,6 +175,17 @@ class PatchCore(FeatureDetector):
         if sigma > 0:
             maps = np.stack([gaussian_filter(m, sigma=sigma) for m in maps])
         return maps.astype(np.float32)
+
+    def torch_head(self, input_size: int) -> PatchCoreHead:
+        """Exact search in the graph; each bank vector's ``num_neighbors`` nearest bank
+        vectors (itself first) are found once here, by the exact flat index."""
+        k = min(self.params.num_neighbors, len(self.memory_bank))
+        exact = faiss.IndexFlatL2(self.memory_bank.shape[1])
+        exact.add(self.memory_bank)
+        _, neighbours = exact.search(self.memory_bank, k)
+        return PatchCoreHead(self.memory_bank, neighbours, input_size,
+                             self.params.smoothing_sigma,
+                             self.params.border_pooling == "zero_padded")
 
     # -- persistence -------------------------------------------------------------
     def _save_state(self, directory: Path) -> None:
