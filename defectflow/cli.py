@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -151,7 +152,7 @@ def cmd_score(args) -> int:
     # empty database; an unreachable server fails in seconds.
     check_store(args.tracking_uri, create=False)
     parameters = dict(model=args.model, inbox=str(inbox.resolve()), out=str(out.resolve()),
-                      tracking_uri=args.tracking_uri)
+                      tracking_uri=args.tracking_uri, format=args.format)
     from defectflow import server
 
     server.start_early()  # no-op when PREFECT_API_URL is set
@@ -176,6 +177,24 @@ def cmd_score(args) -> int:
           + ("  (another batch is running: skipped)" if summary["busy"] else ""))
     if summary["n_scored"] or summary["n_quarantined"] or summary.get("n_duplicates"):
         print(f"results: {out / 'results.csv'}   MLflow run: {summary['run_id']}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Export a registered detector to ONNX or OpenVINO and log the files on its version's run."""
+    from defectflow.tasks.params import TrackingParams
+
+    uri = TrackingParams(uri=args.tracking_uri).resolved_uri()
+    from defectflow.tasks.tracking import resolve_model
+
+    resolved = resolve_model(args.model, uri)  # a wrong NAME@ALIAS fails here, in one line
+    from defectflow.tasks.tracking.exports import export_artifact_path, export_registered
+
+    with tempfile.TemporaryDirectory(prefix="defectflow-export-") as work:
+        out = export_registered(resolved, uri, args.format, Path(args.out), work)
+    print(f"defectflow: exported {resolved['name']} version {resolved['version']} as "
+          f"{args.format} to {out} (logged on run {resolved['run_id']} under "
+          f"{export_artifact_path(args.format)}/)")
     return 0
 
 
@@ -242,8 +261,21 @@ def build_parser() -> argparse.ArgumentParser:
                             "else sqlite:///mlflow.db)")
     score.add_argument("--every", type=float, metavar="SECONDS",
                        help="serve as a Prefect deployment that scores every SECONDS")
+    score.add_argument("--format", choices=("onnx", "openvino"), default=None,
+                       help="score through the version's exported model (exported and logged "
+                            "first when it has none) instead of its pyfunc")
     score.add_argument("--verbose", action="store_true", help="show Prefect's logs")
     score.set_defaults(func=cmd_score)
+    export = sub.add_parser("export", help="export a registered detector to ONNX or OpenVINO")
+    export.add_argument("--model", required=True, metavar="NAME@ALIAS",
+                        help="registered model (or NAME/VERSION)")
+    export.add_argument("--format", required=True, choices=("onnx", "openvino"))
+    export.add_argument("--out", required=True, metavar="DIR",
+                        help="the model file(s), export.json and scoring.json go here")
+    export.add_argument("--tracking-uri", default=None, metavar="URI",
+                        help="MLflow tracking and registry URI (default: MLFLOW_TRACKING_URI, "
+                             "else sqlite:///mlflow.db)")
+    export.set_defaults(func=cmd_export)
     serve = sub.add_parser("serve", help="serve the training pipeline as a Prefect deployment "
                                          "on a schedule (needs `prefect server start`)")
     serve.add_argument("params", help="params YAML, read again at every scheduled run")

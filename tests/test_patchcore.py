@@ -112,7 +112,8 @@ def test_patchcore_params_reject_bad_values():
         PatchCoreParams(smoothing_sigma=-1)
 
 
-def test_hnsw_search_agrees_with_exact_search(product, tmp_path):
+@pytest.mark.parametrize("search", ["hnsw", "ivf"])
+def test_approximate_search_agrees_with_exact_search(product, tmp_path, search):
     manifest, patches, paths, stats = product
     store = features_mod.extract_features(
         patches, manifest, FeatureSettings(layers=LAYERS, input_size=64),
@@ -124,9 +125,16 @@ def test_hnsw_search_agrees_with_exact_search(product, tmp_path):
     test = PatchSet(patches.iloc[test_pos].reset_index(drop=True), store, test_pos, paths, 64,
                     tuple(stats["mean"]), tuple(stats["std"]))
     exact = PatchCore(PatchCoreParams(layers=LAYERS, coreset_ratio=0.25)).fit(train)
-    approx = PatchCore(PatchCoreParams(layers=LAYERS, coreset_ratio=0.25, search="hnsw"))
+    approx = PatchCore(PatchCoreParams(layers=LAYERS, coreset_ratio=0.25, search=search))
     approx.memory_bank = exact.memory_bank
-    np.testing.assert_allclose(approx.score(test)[0], exact.score(test)[0], rtol=0.05)
+    exact_scores = exact.score(test)[0]
+    np.testing.assert_allclose(approx.score(test)[0], exact_scores, rtol=0.05)
+    if search == "ivf":
+        # Probing every cell is an exact search.
+        every = PatchCore(PatchCoreParams(layers=LAYERS, coreset_ratio=0.25, search="ivf",
+                                          ivf_lists=4, ivf_probe=4))
+        every.memory_bank = exact.memory_bank
+        np.testing.assert_allclose(every.score(test)[0], exact_scores, rtol=1e-5)
 
 
 def test_vectorized_greedy_picks_what_the_textbook_greedy_picks():

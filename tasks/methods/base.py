@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .. import cores
+from ..errors import DefectflowError
 from ..features import FeatureStoreRef, iter_input_batches
 from ..patches import iter_patch_pixels
 
@@ -101,6 +102,9 @@ class Detector:
     Params: ClassVar[type]
     needs_labelled_defects: ClassVar[bool] = False
     reads_features: ClassVar[bool] = False
+    # Why ``torch_head`` is missing (None where it exists): the one-line reason an export
+    # of this detector (tasks/serving/onnx_export.py) is refused with.
+    export_refusal: ClassVar[str | None] = "its scoring has no torch form to export"
 
     def __init__(self, params: Any = None):
         self.params = params if params is not None else self.Params()
@@ -112,6 +116,11 @@ class Detector:
     def score(self, batch: PatchSet) -> tuple[np.ndarray, np.ndarray]:
         """Image (patch) scores (n,) and anomaly maps (n, S, S), float32."""
         raise NotImplementedError
+
+    def torch_head(self, input_size: int):
+        """The scoring as a torch module (``methods.torch_heads``): backbone feature maps
+        (list in the detector's layer order) -> (image scores (B,), maps (B, S, S))."""
+        raise DefectflowError(f"a {self.name} detector cannot be exported: {self.export_refusal}")
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)

@@ -170,6 +170,8 @@ class FineTunedClassifier(Detector):
     """
 
     name = "classifier"
+    export_refusal = ("its fine-tuned network has no export path yet (only detectors on "
+                      "the shared backbone's features are exported)")
     Params = ClassifierParams
     needs_labelled_defects = True
 

@@ -154,6 +154,8 @@ def subpatch_windows(size: int, patch: int, stride: int) -> list[tuple[int, int]
 
 class CutPaste(Detector):
     name = "cutpaste"
+    export_refusal = ("its own trained network and its sliding-window localization "
+                      "have no export path yet")
     Params = CutPasteParams
 
     def __init__(self, params: CutPasteParams | None = None):

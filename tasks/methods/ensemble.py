@@ -113,6 +113,7 @@ def truncated_l1_loss(true_scores: torch.Tensor, fake_scores: torch.Tensor,
 
 class FeatureEnsemble(FeatureDetector):
     name = "ensemble"
+    export_refusal = "its PCA and discriminator scoring has no torch form yet"
     Params = FeatureEnsembleParams
 
     def __init__(self, params: FeatureEnsembleParams | None = None):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from .base import FeatureDetector, PatchSet
+from .torch_heads import PaDiMHead
 
 CHUNK_SIZE = 64   # images per feature chunk: bounds the (n, h*w, d) working arrays
 
@@ -125,6 +126,7 @@ def upsample_and_smooth(patch_scores: np.ndarray, size: int, sigma: float) -> np
 class PaDiM(FeatureDetector):
     name = "padim"
     Params = PaDiMParams
+    export_refusal = None
 
     def __init__(self, params: PaDiMParams | None = None):
         super().__init__(params)
@@ -165,6 +167,10 @@ class PaDiM(FeatureDetector):
             anomaly_maps[part] = upsample_and_smooth(dist.reshape(-1, *self.grid).cpu().numpy(),
                                                      size, self.params.smoothing_sigma)
         return anomaly_maps.max(axis=(1, 2)), anomaly_maps
+
+    def torch_head(self, input_size: int) -> PaDiMHead:
+        return PaDiMHead(self.channels, self.mean, self.inverse_cov, self.grid, input_size,
+                         self.params.smoothing_sigma)
 
     # -- persistence -------------------------------------------------------------
     def _save_state(self, directory: Path) -> None:

@@ -22,6 +22,7 @@ from scipy.ndimage import gaussian_filter
 
 from ..coreset import StreamingCoreset
 from .base import FeatureDetector, PatchSet
+from .torch_heads import PatchCoreHead
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,13 @@ class PatchCoreParams:
     # +2 image / +8 pixel AUROC points on 100 train images of Magnetic Tile at 256 px.
     border_pooling: str = "zero_padded"
     smoothing_sigma: float = 4.0       # Gaussian blur of the upsampled anomaly map
-    search: str = "exact"              # "exact" (faiss flat L2) or "hnsw" (approximate, for big banks)
+    # "exact" (faiss flat L2), "hnsw" (graph, for banks of millions) or "ivf" (inverted lists:
+    # each query scans ivf_probe of the bank's ivf_lists k-means cells).
+    search: str = "exact"
     hnsw_neighbors: int = 32           # HNSW graph degree (M)
     hnsw_ef_search: int = 128          # HNSW search breadth: higher is closer to exact, slower
+    ivf_lists: int = 0                 # k-means cells; 0: the square root of the bank size
+    ivf_probe: int = 8                 # cells scanned per query: higher is closer to exact
     seed: int = 0
 
     def __post_init__(self):
@@ -56,8 +61,10 @@ class PatchCoreParams:
                 or self.coreset_oversample < 1 or self.coreset_pool < 2):
             raise ValueError("num_neighbors, projection_dim, coreset_chunk, coreset_oversample "
                              "and coreset_pool must be positive")
-        if self.search not in ("exact", "hnsw"):
-            raise ValueError(f"search must be 'exact' or 'hnsw', got {self.search!r}")
+        if self.search not in ("exact", "hnsw", "ivf"):
+            raise ValueError(f"search must be 'exact', 'hnsw' or 'ivf', got {self.search!r}")
+        if self.ivf_lists < 0 or self.ivf_probe < 1:
+            raise ValueError("ivf_lists must be >= 0 and ivf_probe >= 1")
         if self.border_pooling not in ("zero_padded", "valid"):
             raise ValueError(f"border_pooling must be 'zero_padded' or 'valid', "
                              f"got {self.border_pooling!r}")
@@ -88,6 +95,7 @@ def embed(feature_maps: dict[str, np.ndarray], layers,
 class PatchCore(FeatureDetector):
     name = "patchcore"
     Params = PatchCoreParams
+    export_refusal = None
 
     def __init__(self, params: PatchCoreParams | None = None):
         super().__init__(params)
@@ -123,6 +131,14 @@ class PatchCore(FeatureDetector):
                 # Graph search: sub-linear in the bank, for banks of millions of vectors.
                 self._index = faiss.IndexHNSWFlat(dim, self.params.hnsw_neighbors)
                 self._index.hnsw.efSearch = self.params.hnsw_ef_search
+            elif self.params.search == "ivf":
+                # Scans ivf_probe / ivf_lists of the bank per query; faiss's k-means is
+                # seeded, so the same bank gives the same cells.
+                lists = self.params.ivf_lists or max(1, int(round(np.sqrt(len(self.memory_bank)))))
+                self._quantizer = faiss.IndexFlatL2(dim)  # kept: the IVF index refers to it
+                self._index = faiss.IndexIVFFlat(self._quantizer, dim, lists)
+                self._index.train(self.memory_bank)
+                self._index.nprobe = min(self.params.ivf_probe, lists)
             else:
                 self._index = faiss.IndexFlatL2(dim)
             self._index.add(self.memory_bank)
@@ -137,8 +153,12 @@ class PatchCore(FeatureDetector):
             feats = embed(maps, self.params.layers, self.params.border_pooling)
             n, h, w, dim = feats.shape
             queries = feats.reshape(-1, dim).numpy()
-            sq_dist, nearest = self.index.search(queries, 1)
-            patch_scores = np.sqrt(np.maximum(sq_dist[:, 0], 0)).reshape(n, h * w)
+            _, nearest = self.index.search(queries, 1)
+            # faiss computes |q|^2 - 2 q.m + |m|^2, which loses small distances to
+            # cancellation: the distance to the neighbour found is taken directly (as in
+            # the exported graph, torch_heads.PatchCoreHead).
+            patch_scores = np.linalg.norm(queries - self.memory_bank[nearest[:, 0]],
+                                          axis=1).reshape(n, h * w)
             scores[part] = self._image_scores(queries.reshape(n, h * w, dim), patch_scores,
                                               nearest[:, 0].reshape(n, h * w))
             anomaly_maps[part] = self._anomaly_maps(patch_scores.reshape(n, h, w), size)
@@ -169,6 +189,17 @@ class PatchCore(FeatureDetector):
         if sigma > 0:
             maps = np.stack([gaussian_filter(m, sigma=sigma) for m in maps])
         return maps.astype(np.float32)
+
+    def torch_head(self, input_size: int) -> PatchCoreHead:
+        """Exact search in the graph; each bank vector's ``num_neighbors`` nearest bank
+        vectors (itself first) are found once here, by the exact flat index."""
+        k = min(self.params.num_neighbors, len(self.memory_bank))
+        exact = faiss.IndexFlatL2(self.memory_bank.shape[1])
+        exact.add(self.memory_bank)
+        _, neighbours = exact.search(self.memory_bank, k)
+        return PatchCoreHead(self.memory_bank, neighbours, input_size,
+                             self.params.smoothing_sigma,
+                             self.params.border_pooling == "zero_padded")
 
     # -- persistence -------------------------------------------------------------
     def _save_state(self, directory: Path) -> None:

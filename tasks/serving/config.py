@@ -14,6 +14,7 @@ from ..jsonsettings import JsonSettings
 from ..results import DetectorResult
 
 CONFIG_NAME = "scoring.json"
+B64_COLUMN = "image_b64"  # a DataFrame column of base64-encoded image files (REST requests)
 CONFIG_VERSION = 2  # 2: the feature settings as one nested object
 _FEATURE_FIELDS = ("backbone", "layers", "input_size", "batch_size", "device")
 

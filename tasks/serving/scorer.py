@@ -17,6 +17,8 @@ Images come as paths, a DataFrame with a ``path`` column or RGB arrays
 
 from __future__ import annotations
 
+import base64
+import binascii
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -34,7 +36,7 @@ from ..methods import METHODS
 from ..patches import plan_patches
 from ..scoring import new_images_batch, score_pieces
 from ..stitching import stitch
-from .config import CONFIG_NAME, ScoringConfig
+from .config import B64_COLUMN, CONFIG_NAME, ScoringConfig
 
 
 def verdict_frame(names, scores, threshold: float, maps) -> pd.DataFrame:
@@ -64,8 +66,9 @@ class ImageScorer:
     def score(self, images) -> pd.DataFrame:
         """Score images; one row per image, in input order.
 
-        ``images``: a DataFrame with a ``path`` column, one path, a list of paths,
-        or a list of RGB uint8 arrays (H, W, 3). Returns columns ``image`` (the
+        ``images``: a DataFrame with a ``path`` column (or an ``image_b64`` column of
+        base64-encoded image files, with an optional ``name``), one path, a list of
+        paths, or a list of RGB uint8 arrays (H, W, 3). Returns columns ``image`` (the
         path, or ``array-<i>``), ``score``, ``threshold``, ``verdict``
         (``defective`` when score > threshold, else ``good``) and ``anomaly_map``
         (float32 (H, W) at the image's resolution; NaN where no patch looked).
@@ -114,10 +117,12 @@ class ImageScorer:
 def materialize_images(images, work: Path) -> tuple[list[str], list[str]]:
     """(file paths to score, display names) of ``images`` (see ``ImageScorer.score``):
     arrays are written to lossless PNGs in ``work`` first."""
+    if isinstance(images, pd.DataFrame) and B64_COLUMN in images.columns:
+        return _decode_b64(images, work)
     if isinstance(images, pd.DataFrame):
         if "path" not in images.columns:
-            raise DefectflowError(f"expected a DataFrame with a 'path' column, got columns "
-                                  f"{list(images.columns)}")
+            raise DefectflowError(f"expected a DataFrame with a 'path' or '{B64_COLUMN}' "
+                                  f"column, got columns {list(images.columns)}")
         items: Sequence = images["path"].tolist()
     elif isinstance(images, (str, Path, np.ndarray)) and not (
             isinstance(images, np.ndarray) and images.ndim == 4):
@@ -140,6 +145,22 @@ def materialize_images(images, work: Path) -> tuple[list[str], list[str]]:
         else:
             paths.append(str(item))
             names.append(str(item))
+    return paths, names
+
+
+def _decode_b64(images: pd.DataFrame, work: Path) -> tuple[list[str], list[str]]:
+    """Rows carrying an image file's bytes, base64-encoded (REST requests), written to
+    ``work``; the display name is the row's ``name`` column when there is one."""
+    paths, names = [], []
+    for index, row in enumerate(images.to_dict("records")):
+        try:
+            data = base64.b64decode(str(row[B64_COLUMN]), validate=True)
+        except (binascii.Error, ValueError):
+            raise DefectflowError(f"row {index}: {B64_COLUMN} is not valid base64") from None
+        path = work / f"b64-{index}"
+        path.write_bytes(data)
+        paths.append(str(path))
+        names.append(str(row.get("name") or f"b64-{index}"))
     return paths, names
 
 

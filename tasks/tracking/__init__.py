@@ -10,7 +10,9 @@ YAML; artifacts under stable names (``manifest.parquet``, ``counts.csv``,
 - ``runs``: ``record_pipeline``, the parent, detector and fusion runs of a pipeline run;
 - ``registry``: registered models, their versions and aliases;
 - ``pyfunc``: the MLflow pyfunc wrappers of the served detectors and fusions;
-- ``loading``: model references, loading a registered model, scoring-batch runs.
+- ``loading``: model references, loading a registered model, scoring-batch runs;
+- ``exports``: ONNX / OpenVINO exports of a registered version, logged on its run (loads
+  torch: import ``tracking.exports`` itself).
 """
 
 import os

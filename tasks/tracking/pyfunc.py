@@ -6,7 +6,10 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 import mlflow
+import numpy as np
 import pandas as pd
+
+from ..serving.config import B64_COLUMN
 
 
 class DetectorPyfunc(mlflow.pyfunc.PythonModel):
@@ -17,6 +20,11 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
     ``image``, ``score``, ``threshold``, ``verdict`` (``defective`` / ``good``) and
     ``anomaly_map`` (float32 (H, W) at the image's resolution). All the work is
     ``serving.scorer.ImageScorer``'s; this class only adapts it to MLflow.
+
+    Over REST (``mlflow models serve``) the rows carry the image files' bytes,
+    base64-encoded, in an ``image_b64`` column (optional ``name``, ``with_map``): the
+    answer is ``image``, ``score``, ``threshold``, ``verdict``, and ``anomaly_map`` as
+    nested lists only when a row asks ``with_map: true`` (maps are large in JSON).
     """
 
     def load_context(self, context) -> None:
@@ -28,7 +36,21 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
     # A DataFrame hint is one MLflow infers no schema from: inputs pass through unchanged,
     # so lists of paths or arrays work too.
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        return self.scorer.score(model_input)
+        result = self.scorer.score(model_input)
+        if isinstance(model_input, pd.DataFrame) and B64_COLUMN in model_input.columns:
+            return rest_answer(result, model_input)
+        return result
+
+
+def rest_answer(result: pd.DataFrame, request: pd.DataFrame) -> pd.DataFrame:
+    """The JSON-able answer to base64 rows: the map only where a row asked ``with_map``."""
+    wanted = (request["with_map"].fillna(False).astype(bool).to_numpy()
+              if "with_map" in request.columns else np.zeros(len(request), bool))
+    answer = result.drop(columns=["anomaly_map"])
+    if wanted.any():
+        answer["anomaly_map"] = [np.round(m, 6).tolist() if w else None
+                                 for m, w in zip(result["anomaly_map"], wanted)]
+    return answer
 
 
 class FusionPyfunc(DetectorPyfunc):

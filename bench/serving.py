@@ -1,0 +1,199 @@
+"""Serving throughput and export parity on the Magnetic Tile test images, in one run.
+
+    python bench/serving.py [--model NAME@ALIAS] [--tracking-uri URI] [--limit N] [--threads 2]
+                            [--ivf-probe P] [--skip-rest]
+
+Needs a PatchCore registered on Magnetic Tile (``defectflow run params/magnetic-tile.yaml
+--set registry.enabled=true``) and the 'export' extra. Prints images/s of
+
+- the bare backbone forward pass (decoded, resized images; batch 8; the extraction floor),
+- the registered pyfunc (torch; exact search, then ``search: ivf``, with image AUROC),
+- the ONNX Runtime and OpenVINO exports (exact search in the graph),
+- the REST endpoint (``mlflow models serve``, batches of 8 base64 PNG/JPEG files),
+
+all on ``--threads`` cores, then the parity of each export against the pyfunc: the largest
+score gap relative to the threshold, verdict agreement, the largest map gap relative to the
+map's peak. ``--limit N`` takes N test images evenly spread (all 582 by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
+
+from defectflow.tasks.backbones import fold_batchnorm, load_backbone
+from defectflow.tasks.features import normalize_batch, resize
+from defectflow.tasks.images import read_image
+from defectflow.tasks.methods import PatchCore
+from defectflow.tasks.serving.exported import ExportedScorer
+from defectflow.tasks.serving.scorer import ImageScorer
+from defectflow.tasks.tracking import resolve_model
+from defectflow.tasks.tracking.exports import download_model_folder, exported_model
+
+DEFAULT_MODEL = f"defectflow-magnetic-tile-magnetic_tile-{PatchCore.name}@champion"
+
+
+def test_images(cache_dir: Path, limit: int | None) -> pd.DataFrame:
+    """The pipeline's Magnetic Tile test split (path, label), from its cached manifest."""
+    for path in sorted((cache_dir / "manifests").glob("*.parquet")):
+        manifest = pd.read_parquet(path)
+        if manifest["path"].str.contains("magnetic-tile").any():
+            test = manifest[manifest["split"] == "test"].reset_index(drop=True)
+            if limit:
+                test = test.iloc[np.unique(np.linspace(0, len(test) - 1, limit).astype(int))]
+            return test.reset_index(drop=True)
+    raise SystemExit(f"no Magnetic Tile manifest under {cache_dir}: run the pipeline first")
+
+
+def timed(function, *args):
+    started = time.perf_counter()
+    result = function(*args)
+    return result, time.perf_counter() - started
+
+
+def backbone_floor(config, paths: list[str]) -> float:
+    """Seconds of the bare batched forward pass (as extraction runs it) over decoded images."""
+    features = config.features
+    model = fold_batchnorm(load_backbone(features.backbone, features.layers))
+    model = model.to(memory_format=torch.channels_last)
+    pixels = np.stack([resize(read_image(p), features.input_size) for p in paths])
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for start in range(0, len(pixels), 8):
+            model(normalize_batch(pixels[start:start + 8], config.mean, config.std, "cpu"))
+    return time.perf_counter() - started
+
+
+def rest_seconds(model: str, uri: str, paths: list[str], work: Path) -> tuple[float, list]:
+    """Seconds to score ``paths`` through ``mlflow models serve`` (batches of 8), answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    shims = work / "bin"
+    shims.mkdir()
+    (shims / "uvicorn").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m uvicorn "$@"\n')
+    (shims / "uvicorn").chmod(0o755)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri,
+           "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}"}
+    log = open(work / "serve.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m",
+                                f"models:/{model}", "--env-manager", "local", "--host",
+                                "127.0.0.1", "--port", str(port), "--workers", "1"],
+                               env=env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"{base}/ping", timeout=5)
+                break
+            except OSError:
+                time.sleep(1)
+        answers, started = [], time.perf_counter()
+        for start in range(0, len(paths), 8):
+            rows = [{"image_b64": base64.b64encode(Path(p).read_bytes()).decode()}
+                    for p in paths[start:start + 8]]
+            request = urllib.request.Request(f"{base}/invocations", headers={
+                "Content-Type": "application/json"},
+                data=json.dumps({"dataframe_records": rows}).encode())
+            with urllib.request.urlopen(request, timeout=600) as answer:
+                answers.extend(json.loads(answer.read())["predictions"])
+        return time.perf_counter() - started, answers
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+        log.close()
+
+
+def parity(ours: pd.DataFrame, reference: pd.DataFrame) -> dict:
+    threshold = float(reference["threshold"].iloc[0])
+    gaps = [np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)
+            for a, b in zip(ours["anomaly_map"], reference["anomaly_map"])]
+    return {"max |score gap| / |threshold|":
+            float(np.abs(ours["score"].to_numpy() - reference["score"].to_numpy()).max()
+                  / abs(threshold)),
+            "verdicts agreeing": f"{int((ours['verdict'] == reference['verdict']).sum())}"
+                                 f"/{len(ours)}",
+            "max map gap / peak": float(max(gaps))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    parser.add_argument("--cache-dir", default=".defectflow-cache")
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ivf-probe", type=int, default=PatchCore.Params.ivf_probe)
+    parser.add_argument("--skip-rest", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    load = os.getloadavg()
+    test = test_images(Path(args.cache_dir), args.limit)
+    paths, labels = test["path"].tolist(), test["label"].to_numpy()
+    resolved = resolve_model(args.model, args.tracking_uri)
+    rows, frames = [], {}
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        tmp = Path(tmp)
+        scorer = ImageScorer.from_folder(download_model_folder(resolved, args.tracking_uri,
+                                                               tmp / "model"))
+        seconds = backbone_floor(scorer.config, paths)
+        rows.append(("backbone forward pass (floor)", seconds, None))
+        scorer.detector.index  # built once, as a served model does
+        frames["pyfunc"], seconds = timed(scorer.score, paths)
+        rows.append(("pyfunc, torch, exact search", seconds, frames["pyfunc"]))
+        params = scorer.detector.params
+        scorer.detector.params = dataclasses.replace(params, search="ivf",
+                                                     ivf_probe=args.ivf_probe)
+        scorer.detector._index = None
+        _, build = timed(lambda: scorer.detector.index)  # k-means once, as a served model does
+        frames["ivf"], seconds = timed(scorer.score, paths)
+        rows.append((f"pyfunc, torch, search: ivf (probe {args.ivf_probe}; cells built in "
+                     f"{build:.1f} s, not counted)", seconds,
+                     frames["ivf"]))
+        for fmt in ("onnx", "openvino"):
+            folder, _ = exported_model(resolved, args.tracking_uri, fmt, tmp / fmt)
+            exported = ExportedScorer(folder, threads=args.threads)
+            frames[fmt], seconds = timed(exported.score, paths)
+            rows.append((f"{'ONNX Runtime' if fmt == 'onnx' else 'OpenVINO'} export", seconds,
+                         frames[fmt]))
+        if not args.skip_rest:
+            seconds, answers = rest_seconds(f"{resolved['name']}/{resolved['version']}",
+                                            args.tracking_uri, paths, tmp)
+            rows.append(("REST (mlflow models serve), batches of 8", seconds,
+                         pd.DataFrame(answers)))
+    print(f"{len(paths)} Magnetic Tile test images, {args.threads} threads, "
+          f"load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}, "
+          f"at end {os.getloadavg()[0]:.1f}")
+    print(f"\n| scorer | images/s | image AUROC |\n|---|---|---|")
+    for name, seconds, frame in rows:
+        auroc = "" if frame is None else f"{roc_auc_score(labels, frame['score']):.4f}"
+        print(f"| {name} | {len(paths) / seconds:.1f} | {auroc} |")
+    print("\n| against the pyfunc (exact) | max score gap / threshold | verdicts agreeing "
+          "| max map gap / peak |\n|---|---|---|---|")
+    for name in ("onnx", "openvino", "ivf"):
+        figures = parity(frames[name], frames["pyfunc"])
+        print(f"| {name} | {figures['max |score gap| / |threshold|']:.2e} | "
+              f"{figures['verdicts agreeing']} | {figures['max map gap / peak']:.2e} |")
+
+
+if __name__ == "__main__":
+    main()

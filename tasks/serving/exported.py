@@ -1,0 +1,125 @@
+"""Scoring images with an exported model (``onnx_export.export_folder``) through ONNX Runtime
+or OpenVINO: :class:`ExportedScorer` has ``ImageScorer``'s interface (``score(images)`` and
+``config``), so the inbox, the CLI and the bench use either.
+
+Outside the graph, each image is decoded, denoised when the run did, and resized exactly as
+the pipeline does (``features.resize``); the map comes back at the input size, is rounded to
+float16 as the pipeline stores maps, and is resized to the image as ``ImageScorer`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from ..errors import DefectflowError
+from ..features import resize
+from ..images import read_image
+from ..patches import denoise_image
+from .config import CONFIG_NAME, ScoringConfig
+from .onnx_export import EXPORT_JSON, FORMATS, INPUT_NAME
+from .scorer import materialize_images, verdict_frame
+
+
+def _missing_extra(exc: ImportError) -> DefectflowError:
+    return DefectflowError(f"scoring an exported model needs the optional packages of the "
+                           f"'export' extra (pip install -e '.[export]'): {exc}")
+
+
+class _OnnxRuntime:
+    def __init__(self, path: Path, threads: int | None):
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise _missing_extra(exc) from None
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        # Every provider this onnxruntime build has, in its order of preference (CUDA
+        # before CPU in the GPU build).
+        self.session = ort.InferenceSession(str(path), options,
+                                            providers=ort.get_available_providers())
+
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores, maps = self.session.run(None, {INPUT_NAME: pixels})
+        return scores, maps
+
+
+class _OpenVino:
+    def __init__(self, path: Path, threads: int | None, device: str):
+        try:
+            import openvino
+        except ImportError as exc:
+            raise _missing_extra(exc) from None
+        core = openvino.Core()
+        # f32 everywhere: on CPUs with AMX/AVX512-BF16 OpenVINO otherwise runs bf16, which
+        # moves the scores by far more than the parity guarantees allow.
+        config = {"INFERENCE_PRECISION_HINT": "f32"}
+        if threads and device == "CPU":
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.model = core.compile_model(core.read_model(str(path)), device, config)
+        self.request = self.model.create_infer_request()
+
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        result = self.request.infer({INPUT_NAME: pixels})
+        outputs = self.model.outputs
+        return np.asarray(result[outputs[0]]), np.asarray(result[outputs[1]])
+
+
+class ExportedScorer:
+    """An exported model folder (``model.onnx`` or ``model.xml``, ``export.json``,
+    ``scoring.json``) scored through its runtime. ``threads``: the runtime's thread count
+    (None: its default); ``device``: OpenVINO's device (``CPU``, ``GPU``, ``AUTO``)."""
+
+    def __init__(self, folder: str | Path, threads: int | None = None, device: str = "CPU"):
+        folder = Path(folder)
+        if not (folder / EXPORT_JSON).is_file():
+            raise DefectflowError(f"not an exported model folder (no {EXPORT_JSON})", folder)
+        self.meta = json.loads((folder / EXPORT_JSON).read_text())
+        self.config = ScoringConfig.load(folder / CONFIG_NAME)
+        fmt = self.meta.get("format")
+        if fmt not in FORMATS:
+            raise DefectflowError(f"unknown export format {fmt!r} in {EXPORT_JSON}", folder)
+        path = folder / self.meta["model_file"]
+        if not path.is_file():
+            raise DefectflowError(f"exported model file {self.meta['model_file']} missing", folder)
+        self.format = fmt
+        self.run = _OnnxRuntime(path, threads) if fmt == "onnx" else _OpenVino(path, threads,
+                                                                              device)
+        self.batch_size = int(self.meta.get("batch_size", 8))
+
+    def score_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scores (n,) and float32 maps (n, S, S) of resized RGB uint8 images (n, S, S, 3)."""
+        scores, maps = [], []
+        for start in range(0, len(pixels), self.batch_size):
+            batch = np.ascontiguousarray(pixels[start:start + self.batch_size], np.uint8)
+            part_scores, part_maps = self.run(batch)
+            scores.append(np.asarray(part_scores, np.float32))
+            maps.append(np.asarray(part_maps, np.float32))
+        return np.concatenate(scores), np.concatenate(maps)
+
+    def score(self, images) -> pd.DataFrame:
+        """As ``ImageScorer.score``: one row per image (image, score, threshold, verdict,
+        anomaly_map at the image's resolution). An unreadable file raises DefectflowError."""
+        threshold = self.config.threshold
+        with tempfile.TemporaryDirectory(prefix="defectflow-exported-") as tmp:
+            paths, names = materialize_images(images, Path(tmp))
+            if not paths:
+                return verdict_frame([], [], threshold, [])
+            sizes, batch = [], []
+            for path in paths:
+                image = denoise_image(read_image(path), self.config.denoise)
+                sizes.append((image.shape[1], image.shape[0]))
+                batch.append(resize(image, self.config.features.input_size))
+        scores, maps = self.score_pixels(np.stack(batch))
+        # float16 as the pipeline stores maps, then resized to the image like ImageScorer.
+        image_maps = [cv2.resize(m.astype(np.float16).astype(np.float32), size,
+                                 interpolation=cv2.INTER_LINEAR)
+                      for m, size in zip(maps, sizes)]
+        return verdict_frame(names, scores.astype(np.float64), threshold, image_maps)

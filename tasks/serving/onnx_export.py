@@ -1,0 +1,178 @@
+"""Exporting a registered detector (its model folder: ``detector/`` + ``scoring.json``) as one
+self-contained ONNX or OpenVINO model, with ``export.json`` beside it.
+
+The graph (``torch.onnx.export``, opset 17; OpenVINO converts that ONNX file):
+
+    pixels uint8 (B, S, S, 3), RGB, already resized to the model's input size S
+      -> /255, minus mean, divided by std (the run's normalization)   preprocessing
+      -> backbone (batch norms folded, as the pipeline extracts)       features
+      -> each layer's maps rounded to float16 and back                 as the pipeline's store
+      -> the detector's ``torch_head`` (methods.torch_heads)           head + map post-processing
+      -> score (B,) float32, anomaly_map (B, S, S) float32
+
+The resize stays outside the graph: OpenCV's INTER_AREA (used to shrink, INTER_LINEAR to
+grow) has no exact ONNX equivalent. So does the optional non-local-means denoising.
+``exported.ExportedScorer`` does both exactly as the pipeline does, then runs the graph.
+The verdict is ``defective`` when score > threshold (``export.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..backbones import fold_batchnorm, load_backbone
+from ..errors import DefectflowError
+from ..methods import METHODS
+from .config import CONFIG_NAME, ScoringConfig
+
+EXPORT_JSON = "export.json"
+FORMATS = ("onnx", "openvino")
+MODEL_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
+OPSET = 17
+INPUT_NAME, SCORE_NAME, MAP_NAME = "pixels", "score", "anomaly_map"
+# The exact search holds a (batch, patches, bank) distance matrix: batches are sized so
+# that it stays under this many bytes.
+DISTANCE_BYTES = 256 << 20
+
+
+class ExportGraph(nn.Module):
+    """Preprocessing, backbone, float16 rounding of the features and the detector's head."""
+
+    def __init__(self, backbone: nn.Module, layers, head: nn.Module, mean, std):
+        super().__init__()
+        self.backbone = backbone
+        self.layers = list(layers)
+        self.head = head
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # The same operations, in the same order, as features.normalize_batch.
+        x = pixels.permute(0, 3, 1, 2).float() / 255.0
+        x = (x - self.mean) / self.std
+        feats = self.backbone(x)
+        return self.head([feats[layer].half().float() for layer in self.layers])
+
+
+def load_model_folder(folder: str | Path):
+    """(scoring settings, fitted detector) of a detector's model folder, or a one-line
+    error saying why it cannot be exported."""
+    folder = Path(folder)
+    if (folder / "fusion").is_dir():
+        raise DefectflowError("a SegAD fusion cannot be exported: its XGBoost forest and "
+                              "segment features have no export path yet (export the fused "
+                              "detectors instead)", folder)
+    if not (folder / CONFIG_NAME).is_file():
+        raise DefectflowError(f"not a detector's model folder (no {CONFIG_NAME})", folder)
+    config = ScoringConfig.load(folder / CONFIG_NAME)
+    if config.method not in METHODS:
+        raise DefectflowError(f"unknown method {config.method!r} in the scoring settings", folder)
+    if config.patch_size is not None:
+        raise DefectflowError(f"a model scoring {config.patch_size} px patches cannot be "
+                              "exported yet: only whole-image models (patches.size: null) are",
+                              folder)
+    detector = METHODS[config.method].load(folder / "detector")
+    if type(detector).export_refusal is not None:
+        detector.torch_head(config.features.input_size)  # raises the detector's reason
+    return config, detector
+
+
+def build_graph(folder: str | Path) -> tuple[ExportGraph, ScoringConfig, object]:
+    """The torch graph of a detector's model folder, its scoring settings and detector."""
+    config, detector = load_model_folder(folder)
+    features = config.features
+    head = detector.torch_head(features.input_size)
+    layers = detector.params.layers
+    missing = [layer for layer in layers if layer not in features.layers]
+    if missing:
+        raise DefectflowError(f"the detector reads layers {missing} that the scoring settings' "
+                              f"backbone layers {list(features.layers)} lack", folder)
+    backbone = fold_batchnorm(load_backbone(features.backbone, layers, device="cpu"))
+    return ExportGraph(backbone, layers, head, config.mean, config.std).eval(), config, detector
+
+
+def _batch_size(graph: ExportGraph, size: int) -> int:
+    """Images per run of the graph: the search's distance matrix bounded (PatchCore),
+    otherwise the pipeline's batch of 8."""
+    bank = getattr(graph.head, "bank", None)
+    if bank is None:
+        return 8
+    with torch.no_grad():
+        grid = graph.backbone(torch.zeros(1, 3, size, size))[graph.layers[0]].shape[-2:]
+    per_image = int(grid[0] * grid[1]) * int(bank.shape[0]) * 4
+    return max(1, min(8, DISTANCE_BYTES // per_image))
+
+
+def _write_onnx(graph: ExportGraph, size: int, path: Path) -> None:
+    example = torch.zeros(1, size, size, 3, dtype=torch.uint8)
+    with warnings.catch_warnings(), torch.no_grad():
+        # The TorchScript exporter warns that it is deprecated in favour of the dynamo one,
+        # which needs onnxscript; this graph exports exactly with it.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph, (example,), str(path), opset_version=OPSET, dynamo=False,
+                          input_names=[INPUT_NAME], output_names=[SCORE_NAME, MAP_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, SCORE_NAME: {0: "batch"},
+                                        MAP_NAME: {0: "batch"}})
+
+
+def export_folder(folder: str | Path, fmt: str, out: str | Path) -> Path:
+    """Write the exported model of a detector's model folder into ``out``: the model
+    (``model.onnx``, or ``model.xml`` + ``model.bin``), ``export.json`` and a copy of
+    ``scoring.json``. Returns ``out``."""
+    if fmt not in FORMATS:
+        raise DefectflowError(f"unknown export format {fmt!r}: choose from {list(FORMATS)}")
+    try:
+        import onnx  # noqa: F401  (torch.onnx.export needs it)
+        if fmt == "openvino":
+            import openvino
+    except ImportError as exc:
+        raise DefectflowError(f"exporting needs the optional packages of the 'export' extra "
+                              f"(pip install -e '.[export]'): {exc}") from None
+    graph, config, detector = build_graph(folder)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = config.features.input_size
+    with tempfile.TemporaryDirectory(prefix="defectflow-export-") as tmp:
+        onnx_path = Path(tmp) / MODEL_FILES["onnx"]
+        _write_onnx(graph, size, onnx_path)
+        if fmt == "onnx":
+            shutil.copy2(onnx_path, out / MODEL_FILES["onnx"])
+        else:
+            # FP32 weights: compressing them to FP16 would break the score parity.
+            openvino.save_model(openvino.convert_model(str(onnx_path)),
+                                str(out / MODEL_FILES["openvino"]), compress_to_fp16=False)
+    shutil.copy2(Path(folder) / CONFIG_NAME, out / CONFIG_NAME)
+    (out / EXPORT_JSON).write_text(json.dumps(
+        describe(config, detector, fmt, _batch_size(graph, size)), indent=1))
+    return out
+
+
+def describe(config: ScoringConfig, detector, fmt: str, batch_size: int) -> dict:
+    """``export.json``: what a caller outside Python needs to run the model."""
+    size = config.features.input_size
+    return {
+        "format": fmt, "model_file": MODEL_FILES[fmt], "opset": OPSET,
+        "method": config.method, "dataset": config.dataset, "category": config.category,
+        "backbone": config.features.backbone, "layers": list(detector.params.layers),
+        "input_size": size, "mean": list(config.mean), "std": list(config.std),
+        "threshold": config.threshold, "verdict": "defective when score > threshold",
+        "batch_size": batch_size,
+        "inputs": [{"name": INPUT_NAME, "dtype": "uint8", "shape": ["batch", size, size, 3],
+                    "layout": "NHWC, RGB",
+                    "preprocessing outside the graph":
+                        f"decode to RGB uint8; denoise {config.denoise} (OpenCV "
+                        "fastNlMeansDenoisingColored) when set; resize to "
+                        f"{size}x{size} with OpenCV INTER_AREA to shrink, INTER_LINEAR to "
+                        "grow; normalization (mean, std) is inside the graph"}],
+        "outputs": [{"name": SCORE_NAME, "dtype": "float32", "shape": ["batch"]},
+                    {"name": MAP_NAME, "dtype": "float32", "shape": ["batch", size, size],
+                     "note": "at the input size; resize bilinearly to the image's size"}],
+        "denoise": config.denoise, "map_vmax": config.map_vmax,
+    }
