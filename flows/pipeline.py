@@ -112,7 +112,7 @@ def pipeline(params: PipelineParams, verbose: bool = True) -> PipelineSummary:
                                 category, method, p.features, stats, cache)
             evaluated = log.submit(f"evaluate {where}", evaluate, scores, scanned.manifest,
                                    category, p.evaluation.threshold_quantile,
-                                   p.evaluation.overlays, cache)
+                                   p.evaluation.overlays, cache, method=method)
             results.append(DetectorResult(category=category, method=method,
                                           method_params=method_params, normalization=stats,
                                           model=model, evaluation=evaluated, features=store,
@@ -130,7 +130,8 @@ def pipeline(params: PipelineParams, verbose: bool = True) -> PipelineSummary:
             evaluated = {r.method: r.evaluation for r in results if r.category == category}
             plotted = log.submit(f"plots [{category}]", make_plots, evaluated, scanned.manifest,
                                  category, store, cache, fusion=fused,
-                                 tsne_points=p.evaluation.tsne_points, seed=p.dataset.seed)
+                                 tsne_points=p.evaluation.tsne_points, seed=p.dataset.seed,
+                                 scores=scored, overlays=p.evaluation.overlays)
             plots.append(CategoryPlots(category=category, plots=plotted))
 
     # Every step has finished here; MLflow is written once, from this process.
