@@ -36,8 +36,8 @@ _MODULE_OF = {
                     "examples"),
     **dict.fromkeys(("plot_roc", "plot_curves", "plot_defect_type_bars", "plot_tsne",
                      "save_figure"), "plots"),
-    **dict.fromkeys(("METRIC_COLUMNS", "COLUMN_TITLES", "comparison_table", "format_table"),
-                    "tables"),
+    **dict.fromkeys(("METRIC_COLUMNS", "COLUMN_TITLES", "comparison_table", "format_table",
+                     "THRESHOLD_COLUMNS", "THRESHOLD_NOTE", "markdown_table"), "tables"),
 }
 __all__ = sorted(_MODULE_OF)
 

@@ -10,7 +10,9 @@ YAML; artifacts under stable names (``manifest.parquet``, ``counts.csv``,
 - ``runs``: ``record_pipeline``, the parent, detector and fusion runs of a pipeline run;
 - ``registry``: registered models, their versions and aliases;
 - ``pyfunc``: the MLflow pyfunc wrappers of the served detectors and fusions;
-- ``loading``: model references, loading a registered model, scoring-batch runs.
+- ``loading``: model references, loading a registered model, scoring-batch runs;
+- ``views``: what the MLflow UI shows without clicks (experiment kind, the runs table's
+  comparison view, the parent run's description).
 """
 
 import os
@@ -19,6 +21,7 @@ import os
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in CLI output
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no INFO lines in the step log
 
 from .client import Tracker  # noqa: E402
 from .loading import load_model, log_scoring_batch, parse_model_ref, resolve_model  # noqa: E402

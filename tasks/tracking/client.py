@@ -4,6 +4,7 @@ and where an experiment's artifacts go when it is created."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,6 +25,10 @@ class Tracker:
         # The registry lives in the same store. Set both process-wide: log_model registers
         # through MLflow's global registry URI, which an earlier load_model may have pointed
         # at another store.
+        # MLflow's INFO lines ("Creating initial MLflow database tables...") would land in
+        # the middle of the step log.
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -38,23 +43,32 @@ class Tracker:
             self.experiment_id = found.experiment_id
         self.parent_id: str | None = None
 
+    def tag_experiment(self, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_experiment_tag(self.experiment_id, key, value)
+
     # -- runs --------------------------------------------------------------------
+    # Runs are recorded after the work they describe: ``start_time`` / ``end_time`` (epoch
+    # seconds) are when that work really ran; None means now.
     def start_parent(self, run_name: str, params: Mapping[str, str],
-                     tags: Mapping[str, str]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags))
+                     tags: Mapping[str, str], start_time: float | None = None) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags),
+                                     start_time=_millis(start_time))
         self.parent_id = run.info.run_id
         self.log_params(self.parent_id, params)
         return self.parent_id
 
     def start_child(self, run_name: str, params: Mapping[str, str],
-                    tags: Mapping[str, str]) -> str:
+                    tags: Mapping[str, str], start_time: float | None = None) -> str:
         tags = {**tags, "mlflow.parentRunId": self.parent_id}
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags,
+                                     start_time=_millis(start_time))
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
-    def finish(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+    def finish(self, run_id: str, status: str = "FINISHED", end_time: float | None = None
+               ) -> None:
+        self.client.set_terminated(run_id, status=status, end_time=_millis(end_time))
 
     # -- values --------------------------------------------------------------------
     def log_params(self, run_id: str, params: Mapping[str, object]) -> None:
@@ -88,6 +102,10 @@ class Tracker:
         else:
             table.to_csv(target, index=False)
         self.log_file(run_id, target)
+
+
+def _millis(seconds: float | None) -> int | None:
+    return None if seconds is None else int(round(seconds * 1000))
 
 
 def _default_artifact_root(uri: str) -> Path | None:
