@@ -10,7 +10,10 @@ Prefect deployment on an interval schedule.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
+
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.types.entrypoint import EntrypointType
@@ -43,7 +46,8 @@ def track(resolved: dict, batch: inbox_lib.InboxBatch, inbox: str, out: str,
     if batch.quarantined:
         tables["quarantined.csv"] = pd.DataFrame(batch.quarantined)
     return log_scoring_batch(tracking_uri, experiment, resolved, batch.counts, tables,
-                             {"inbox": inbox, "out": out})
+                             {"inbox": inbox, "out": out},
+                             overlays=[Path(out) / row["overlay"] for row in batch.rows])
 
 
 @flow(name="defectflow-score", log_prints=False)
