@@ -256,6 +256,6 @@ class StepLog:
                                          "started": started, "ended": ended}))
         if self.verbose:
             self._clear_status()
-            wait = f"  (waited {waited:.1f} s)" if waited >= 0.05 else ""
+            wait = f"  (waited {waited:.1f} s)" if waited >= 0.5 else ""
             print(f"  {later.label:<40} {status:>6}  {seconds:7.1f} s{wait}", flush=True)
             self._show_status()

@@ -141,3 +141,22 @@ def test_pipeline_on_an_mlflow_server_shows_the_comparison(mlflow_server, tmp_pa
     overlays = [Path(a.path).name for a in client.list_artifacts(
         children["patchcore"].info.run_id, "overlays")]
     assert overlays and all(re.fullmatch(r"(good_g|blob_b)\d{3}\.png", name) for name in overlays)
+
+    # Prefect: the flow run is named and tagged, holds the results artifact and the lines.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId,
+                                                FlowRunFilter, FlowRunFilterName,
+                                                LogFilter, LogFilterFlowRunId)
+
+    with get_client(sync_client=True) as prefect:
+        flow_run = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(any_=["generated-two-detectors"])))[0]
+        assert {"generated", "patchcore", "padim", "segad_fusion"} <= set(flow_run.tags)
+        artifacts = prefect.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])))
+        results = next(a for a in artifacts if a.key == "defectflow-results")
+        assert parent.info.run_id in results.data and "| segad_fusion |" in results.data
+        logs = prefect.read_logs(log_filter=LogFilter(
+            flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+        messages = "\n".join(log.message for log in logs)
+        assert parent.info.run_id in messages and "segad_fusion" in messages
