@@ -62,3 +62,4 @@ def report(summary: PipelineSummary) -> None:
     for line in format_table(table, digits=4, titles=COLUMN_TITLES).splitlines():
         logger.info(line)
     logger.info("total time: %.1f s", summary.total_seconds)
+    APILogHandler().flush()  # sent before the flow run ends, not whenever the worker wakes
