@@ -79,21 +79,31 @@ def small_png(path: Path, max_width: int) -> None:
 
 
 def latest_overlay(client, experiment_id: str, target: Path) -> str:
-    """Copy the best detector's overlay of a missed (else hit) defective image of the
-    latest parent run to ``target``; returns its run name and file name."""
+    """Copy the best detector's overlay of its highest-scoring defective image (a clear hit,
+    its threshold region outlined) of the latest parent run to ``target``; returns its run
+    name and file name."""
+    import pandas as pd
+
+    from defectflow.tasks.evaluation.examples import overlay_name
+
     runs = client.search_runs([experiment_id], "tags.method LIKE '%'",
                               order_by=["attributes.start_time DESC"])
     parent = runs[0].data.tags["mlflow.parentRunId"]
     children = sorted((r for r in runs if r.data.tags["mlflow.parentRunId"] == parent),
                       key=lambda r: -r.data.metrics.get("image_auroc", 0))
-    for child in children:
-        names = [a.path for a in client.list_artifacts(child.info.run_id, "overlays")]
-        defective = [n for n in names if not Path(n).name.startswith("good_")]
-        if defective:
-            with tempfile.TemporaryDirectory() as tmp:
-                local = client.download_artifacts(child.info.run_id, defective[0], tmp)
-                shutil.copyfile(local, target)
-            return f"{child.info.run_name}: {defective[0]}"
+    with tempfile.TemporaryDirectory() as tmp:
+        for child in children:
+            names = {Path(a.path).stem: a.path
+                     for a in client.list_artifacts(child.info.run_id, "overlays")}
+            if not names:
+                continue
+            scores = pd.read_csv(client.download_artifacts(child.info.run_id, "scores.csv", tmp))
+            scores["name"] = scores["image_id"].map(overlay_name)
+            drawn = scores[(scores["label"] == 1) & scores["name"].isin(set(names))]
+            if len(drawn):
+                best = names[drawn.sort_values("score").iloc[-1]["name"]]
+                shutil.copyfile(client.download_artifacts(child.info.run_id, best, tmp), target)
+                return f"{child.info.run_name}: {best}"
     sys.exit("no overlay of a defective image in the latest run")
 
 
@@ -102,10 +112,12 @@ def main() -> None:
     parser.add_argument("--store", default="sqlite:///mlflow.db", help="MLflow store URI")
     parser.add_argument("--experiment", default="elpv")
     parser.add_argument("--out", default="docs", help="folder of the PNGs")
-    parser.add_argument("--size", default="1600x760", help="browser window, WxH")
+    parser.add_argument("--size", default="1900x620", help="browser window, WxH")
     args = parser.parse_args()
 
     from mlflow.tracking import MlflowClient
+
+    from defectflow.tasks.tracking.views import ui_hint
 
     client = MlflowClient(tracking_uri=args.store)
     experiment = client.get_experiment_by_name(args.experiment)
@@ -116,11 +128,11 @@ def main() -> None:
     port = free_port()
     ui = start_ui(args.store, port, out / "mlflow-ui.log")
     try:
-        url = (f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs"
-               "?viewStateShareKey=defectflow")
+        # The link the CLI prints (tasks/tracking/views.py ui_hint), on this port.
+        url = ui_hint(f"http://127.0.0.1:{port}", experiment.experiment_id).split(" ")[-1]
         width, height = (int(v) for v in args.size.split("x"))
         screenshot(url, out / "mlflow-runs.png", (width, height), wait_ms=20000)
-        small_png(out / "mlflow-runs.png", 1600)
+        small_png(out / "mlflow-runs.png", 1900)
         print(f"{out / 'mlflow-runs.png'}: {url}")
     finally:
         ui.terminate()

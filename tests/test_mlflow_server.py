@@ -86,7 +86,7 @@ def test_pipeline_on_an_mlflow_server_shows_the_comparison(mlflow_server, tmp_pa
             "metrics.`false_alarm_rate`", "tags.`method`"} <= set(view["selectedColumns"])
     hint = next(line for line in out.splitlines() if line.startswith("MLflow UI:"))
     assert hint == (f"MLflow UI: {mlflow_server}/#/experiments/{experiment.experiment_id}"
-                    "/runs?viewStateShareKey=defectflow")
+                    "/runs?viewStateShareKey=defectflow&workflowType=machine_learning")
     # The view's filter finds the detector and fusion runs, not the parent.
     shown = client.search_runs([experiment.experiment_id], view["searchFilter"])
     assert sorted(r.info.run_name for r in shown) == [

@@ -7,7 +7,9 @@
   the tag ``mlflow.sharedViewState.<key>``, opened by ``?viewStateShareKey=<key>``): the
   detector and fusion runs as flat rows, with each method's AUROCs, recall, escape and
   false-alarm rates at its threshold, and the ``method`` / ``category`` tags as columns;
-- ``ui_hint``: the one line that tells how to open that view on this store;
+- ``ui_hint``: the one line that tells how to open that view on this store (MLflow 3.17's
+  sidebar takes its GenAI / model-training switch from the ``workflowType`` URL parameter
+  before the experiment's tag, so the link sets both);
 - ``description``: the parent run's description (``mlflow.note.content``), a markdown
   table of the run's comparison, shown on the run's page.
 """
@@ -35,8 +37,10 @@ def shared_view() -> dict:
     """The runs-table state MLflow's UI loads from the experiment's shared-view tag."""
     columns = [_column("tags", "category"), _column("tags", "method")]
     columns += [_column("metrics", name) for name in THRESHOLD_COLUMNS]
+    columns.append(_column("attributes", "Duration"))
     return {
-        "selectedColumns": [*columns, _column("attributes", "Duration")],
+        "selectedColumns": columns,
+        "columnOrder": columns,
         # Only runs with a method tag: the detector and fusion runs, as flat rows (their
         # parent would otherwise show as one collapsed row).
         "searchFilter": "tags.method LIKE '%'",
@@ -56,7 +60,8 @@ EXPERIMENT_TAGS = {
 
 def ui_hint(uri: str, experiment_id: str) -> str:
     """How to open the comparison view of this store's experiment, in one line."""
-    path = f"#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+    path = (f"#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+            "&workflowType=machine_learning")
     if uri.startswith(("http://", "https://")):
         return f"MLflow UI: {uri.rstrip('/')}/{path}"
     store = uri
