@@ -30,6 +30,8 @@ import threading
 import time
 from typing import Any, Callable
 
+from prefect.runtime import task_run
+
 # Start and end (epoch seconds) of each task run's own work, by Prefect task-run id, written
 # by ``timed`` in the worker thread (a process-wide dict: the thread runner's workers share
 # it; steps run elsewhere, e.g. on Dask, are timed from submission to end instead).
@@ -42,8 +44,6 @@ def timed(fn: Callable) -> Callable:
     ``functools.wraps`` keeps ``fn``'s signature and source for Prefect's cache key."""
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        from prefect.runtime import task_run
-
         times = [time.time()]
         with _RUN_TIMES_LOCK:
             _RUN_TIMES[str(task_run.id)] = times
