@@ -1,6 +1,14 @@
-"""``defectflow`` command line: ``defectflow run [PARAMS.yaml]``.
+"""defectflow: train, evaluate and track defect detectors; serve and score them.
 
-Bad input ends in one line naming the file and the problem (exit code 2).
+commands:
+  defectflow run [PARAMS.yaml] [--set KEY=VALUE ...]   train, evaluate and track (MLflow)
+  defectflow serve PARAMS.yaml (--cron EXPR | --interval SECONDS)
+                                                       run the training on a schedule
+  defectflow score --model NAME@ALIAS --inbox DIR --out DIR [--every SECONDS]
+                                                       score new images with a registered model
+
+defectflow COMMAND --help describes each command. Bad input ends in one line naming the
+file or setting and the problem (exit code 2).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ _ENV_DEFAULTS = {
     # A fresh ephemeral Prefect server took ~27 s to start on 2 cores (default limit 20 s).
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "PREFECT_LOGGING_LEVEL": "WARNING",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # no INFO lines (database set-up) among the steps
     "GIT_PYTHON_REFRESH": "quiet",
 }
 
@@ -39,9 +48,6 @@ def default_params_path() -> Path | None:
     return None
 
 
-# The detectors' columns of the run summary, after category and method.
-SUMMARY_COLUMNS = ("image_auroc", "pixel_auroc", "f1_max", "accuracy")
-
 # OSErrors caused by the environment rather than the code: reported in one line (exit 2).
 _ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 # How Prefect's log messages name one ("... failed with exception: OSError(30, ...").
@@ -51,15 +57,19 @@ _ENVIRONMENT_OSERROR = re.compile(
 
 def print_summary(summary: PipelineSummary) -> None:
     # Imported here, as the CLI's other project imports: pandas is not paid for by --help.
-    from defectflow.tasks.evaluation import COLUMN_TITLES, comparison_table, format_table
+    from defectflow.tasks.evaluation import (COLUMN_TITLES, THRESHOLD_COLUMNS, THRESHOLD_NOTE,
+                                             comparison_table, format_table)
     from defectflow.tasks.params import FUSION_METHOD
 
     detectors = [r.row() for r in summary.results if r.method != FUSION_METHOD]
     fused = [r for r in summary.results if r.method == FUSION_METHOD]
     print()
     if detectors:
-        print(format_table(comparison_table(detectors, columns=SUMMARY_COLUMNS), digits=4,
+        # AUROC ranks; what the deployed threshold does is what a line sees.
+        columns = [c for c in THRESHOLD_COLUMNS if any(r.get(c) is not None for r in detectors)]
+        print(format_table(comparison_table(detectors, columns=columns), digits=4,
                            titles=COLUMN_TITLES))
+        print(THRESHOLD_NOTE)
     if fused:
         print("\nSegAD fusion: image AUROC, mean ± std over seeds, on the images the fusion did "
               "not train on\n(<detector> alone: its anomaly-map maximum alone, on the same "
@@ -72,6 +82,8 @@ def print_summary(summary: PipelineSummary) -> None:
         print(format_table(comparison_table(rows), digits=4, titles=COLUMN_TITLES))
     print(f"\nMLflow: experiment {summary.experiment!r}, run {summary.parent_run_id}"
           f"{'  (every step cached)' if summary.all_steps_cached else ''}")
+    if summary.ui_hint:
+        print(summary.ui_hint)
     for r in summary.registered:  # params.registry.enabled
         aliases = ", ".join(f"{k} -> version {v}" for k, v in r.aliases.items())
         print(f"registered {r.name} version {r.version}  ({aliases})")
@@ -98,7 +110,7 @@ def _quiet_prefect_input_errors() -> None:
 
 
 def cmd_run(args) -> int:
-    started = time.perf_counter()
+    started = time.time()
     from defectflow import server
 
     # Prefect's local API server boots (one core) while we import and validate (the other).
@@ -118,9 +130,10 @@ def cmd_run(args) -> int:
 
     server.wait_ready()
     _quiet_prefect_input_errors()
-    summary = run_pipeline(params, verbose=not args.quiet)  # on params' execution.task_runner
+    # On params' execution.task_runner; the logged total_seconds runs from this command's start.
+    summary = run_pipeline(params, verbose=not args.quiet, params_path=path, started=started)
     print_summary(summary)
-    print(f"total time: {time.perf_counter() - started:.1f} s")
+    print(f"total time: {summary.total_seconds:.1f} s")
     return 0
 
 
@@ -240,7 +253,9 @@ def cmd_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="defectflow", description=__doc__.splitlines()[0])
+    # The module's text as it is (plain text, every command listed).
+    parser = argparse.ArgumentParser(prog="defectflow", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train, evaluate and track the detectors of one dataset")
     run.add_argument("params", nargs="?", help="params YAML (default: params/elpv.yaml)")
@@ -277,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "else sqlite:///mlflow.db)")
     export.set_defaults(func=cmd_export)
     serve = sub.add_parser("serve", help="serve the training pipeline as a Prefect deployment "
-                                         "on a schedule (needs `prefect server start`)")
+                                         "on a schedule (needs a Prefect server: prefect "
+                                         "server start)")
     serve.add_argument("params", help="params YAML, read again at every scheduled run")
     when = serve.add_mutually_exclusive_group(required=True)
     when.add_argument("--cron", metavar="EXPR", help='cron schedule, e.g. "0 2 * * *"')

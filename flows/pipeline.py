@@ -35,8 +35,10 @@ from ..tasks.cache import remove_stale_partials
 from ..tasks.cores import shares_cores
 from ..tasks.methods import source_hash
 from ..tasks.params import PipelineParams
-from ..tasks.results import CategoryPlots, DetectorResult, FusionResult, PipelineSummary
-from .steplog import StepLog
+from ..tasks.patches import warn_if_squashed
+from ..tasks.results import CategoryPlots, DetectorResult, FusionResult, PipelineSummary, scope
+from .report import report
+from .steplog import StepLog, timed
 
 CACHED = dict(cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
 
@@ -46,7 +48,8 @@ CACHED = dict(cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
 _FIT_LOCK = threading.Lock()
 
 
-_shared_train = shares_cores(steps.train_step)
+# Timed inside the lock: a fit's wait for it counts as waiting, not as its run time.
+_shared_train = shares_cores(timed(steps.train_step))
 
 
 def _train_one_at_a_time(*args, **kwargs):
@@ -58,27 +61,31 @@ def _train_one_at_a_time(*args, **kwargs):
 _train_one_at_a_time.__wrapped__ = steps.train_step
 
 
-scan = task(steps.scan_step, name="scan", **CACHED)
-categorize = task(steps.categorize_step, name="categorize", **CACHED)
-plan_patches = task(steps.patches_step, name="patches", **CACHED)
-normalize = task(steps.normalization_step, name="normalization", **CACHED)
+# Each step's own run time is measured inside its worker (``timed``), apart from its wait.
+scan = task(timed(steps.scan_step), name="scan", **CACHED)
+categorize = task(timed(steps.categorize_step), name="categorize", **CACHED)
+plan_patches = task(timed(steps.patches_step), name="patches", **CACHED)
+normalize = task(timed(steps.normalization_step), name="normalization", **CACHED)
 # The torch-heavy steps share the cores with whichever of them run at the same moment.
-extract_features = task(shares_cores(steps.features_step), name="features",
+extract_features = task(shares_cores(timed(steps.features_step)), name="features",
                         cache_policy=(INPUTS - "progress") + TASK_SOURCE, persist_result=True)
 train = task(_train_one_at_a_time, name="train", **CACHED)
-score = task(shares_cores(steps.score_step), name="score", **CACHED)
-evaluate = task(steps.evaluate_step, name="evaluate", **CACHED)
-fuse = task(shares_cores(steps.fusion_step), name="fusion", **CACHED)
-make_plots = task(steps.plots_step, name="plots", **CACHED)
+score = task(shares_cores(timed(steps.score_step)), name="score", **CACHED)
+evaluate = task(timed(steps.evaluate_step), name="evaluate", **CACHED)
+fuse = task(shares_cores(timed(steps.fusion_step)), name="fusion", **CACHED)
+make_plots = task(timed(steps.plots_step), name="plots", **CACHED)
 
 
 # The default runner when the flow is called directly; the CLI picks it from params
 # (flows/runners.py run_pipeline).
 @flow(name="defectflow-pipeline", log_prints=False,
       task_runner=ThreadPoolTaskRunner(max_workers=2))
-def pipeline(params: PipelineParams, verbose: bool = True) -> PipelineSummary:
-    """Train, evaluate and track every (category, method) of one dataset."""
-    started = time.perf_counter()
+def pipeline(params: PipelineParams, verbose: bool = True,
+             started: float | None = None) -> PipelineSummary:
+    """Train, evaluate and track every (category, method) of one dataset. ``started``
+    (epoch seconds, default now): when the invocation began, e.g. the CLI's start, so the
+    logged total is the one it prints."""
+    started = time.time() if started is None else started
     log = StepLog(verbose=verbose)
     p, cache = params, params.cache_dir
     dataset = p.dataset.model_dump(mode="json")
@@ -88,6 +95,7 @@ def pipeline(params: PipelineParams, verbose: bool = True) -> PipelineSummary:
     remove_stale_partials(cache)  # half-written outputs of killed runs; running ones stay
     fingerprint = steps.source_fingerprint(p.dataset.layout, p.dataset.path)
     scanned = log.run("scan", scan, dataset, fingerprint, cache)
+    warn_if_squashed(scanned.manifest, p.patches.size)
     properties = log.submit("categorize", categorize, scanned.manifest,
                             p.categorization.n_clusters, p.categorization.max_side,
                             p.dataset.seed, cache)
@@ -96,17 +104,18 @@ def pipeline(params: PipelineParams, verbose: bool = True) -> PipelineSummary:
 
     results, fusions, plots = [], [], []
     for category in sorted(scanned.manifest.table()["category"].unique()):
-        stats = log.submit(f"normalization [{category}]", normalize, patches, scanned.manifest,
+        stats = log.submit(f"normalization {scope(category)}", normalize, patches, scanned.manifest,
                            category, p.normalization, denoise)
         # The preprocessing travels with the statistics: every later step (and its cache key)
         # sees the same pixels.
         stats = log.then(stats, lambda stats: {**stats, "denoise": denoise})
-        store = log.submit(f"features [{category}]", extract_features, patches,
+        # No progress bars: the step log's status line shows what is running.
+        store = log.submit(f"features {scope(category)}", extract_features, patches,
                            scanned.manifest, category, p.features, stats, cache,
-                           progress=verbose)
+                           progress=False)
         # Each method's parameter object, as the params validator built it.
         for method, method_params in p.methods.items():
-            where = f"[{category} / {method}]"
+            where = scope(category, method)
             model = log.submit(f"train {where}", train, store, patches, scanned.manifest,
                                category, method, method_params, p.features, stats, cache,
                                method_source=source_hash(method))
@@ -114,7 +123,7 @@ def pipeline(params: PipelineParams, verbose: bool = True) -> PipelineSummary:
                                 category, method, p.features, stats, cache)
             evaluated = log.submit(f"evaluate {where}", evaluate, scores, scanned.manifest,
                                    category, p.evaluation.threshold_quantile,
-                                   p.evaluation.overlays, cache)
+                                   p.evaluation.overlays, cache, method=method)
             results.append(DetectorResult(category=category, method=method,
                                           method_params=method_params, normalization=stats,
                                           model=model, evaluation=evaluated, features=store,
@@ -124,15 +133,16 @@ def pipeline(params: PipelineParams, verbose: bool = True) -> PipelineSummary:
         if p.fusion.enabled and len(scored) >= 2 and p.patches.size is None:
             # One-class mode scores its synthetic defects with the same models and features.
             models = {r.method: r.model for r in results if r.category == category}
-            fused = log.submit(f"fusion [{category}]", fuse, scored, scanned.manifest, category,
+            fused = log.submit(f"fusion {scope(category)}", fuse, scored, scanned.manifest, category,
                                p.fusion, cache, models=models, features=p.features,
                                stats=stats)
             fusions.append(FusionResult(category=category, fusion=fused))
         if p.evaluation.plots:
             evaluated = {r.method: r.evaluation for r in results if r.category == category}
-            plotted = log.submit(f"plots [{category}]", make_plots, evaluated, scanned.manifest,
+            plotted = log.submit(f"plots {scope(category)}", make_plots, evaluated, scanned.manifest,
                                  category, store, cache, fusion=fused,
-                                 tsne_points=p.evaluation.tsne_points, seed=p.dataset.seed)
+                                 tsne_points=p.evaluation.tsne_points, seed=p.dataset.seed,
+                                 scores=scored, overlays=p.evaluation.overlays)
             plots.append(CategoryPlots(category=category, plots=plotted))
 
     # Every step has finished here; MLflow is written once, from this process.
@@ -140,5 +150,7 @@ def pipeline(params: PipelineParams, verbose: bool = True) -> PipelineSummary:
     from ..tasks.tracking import record_pipeline
 
     track = task(record_pipeline, name="track", cache_policy=NO_CACHE)
-    return track(p, scanned, properties, results, log.rows, seconds=time.perf_counter() - started,
-                 fusions=fusions, plots=plots)
+    summary = track(p, scanned, properties, results, log.rows, started=started,
+                    fusions=fusions, plots=plots)
+    report(summary)  # the results table as a Prefect artifact and in the flow run's logs
+    return summary

@@ -16,6 +16,7 @@ from ..tasks import cores
 from ..tasks.errors import DefectflowError
 from ..tasks.params import ExecutionParams, PipelineParams
 from .pipeline import pipeline
+from .report import flow_run_name, flow_run_tags
 
 
 def make_task_runner(execution: ExecutionParams):
@@ -80,8 +81,14 @@ def torch_threads_for(execution: ExecutionParams):
         torch.set_num_threads(before)
 
 
-def run_pipeline(params: PipelineParams, verbose: bool = True) -> dict:
-    """Run the pipeline flow on the task runner its params choose; returns its summary."""
-    with torch_threads_for(params.execution):
-        return pipeline.with_options(task_runner=make_task_runner(params.execution))(
-            params, verbose=verbose)
+def run_pipeline(params: PipelineParams, verbose: bool = True,
+                 params_path: str | None = None, started: float | None = None) -> dict:
+    """Run the pipeline flow on the task runner its params choose; returns its summary.
+    The flow run is named ``<dataset>-<params file stem>`` and tagged with the dataset and
+    methods, so runs tell apart in the Prefect UI; ``started``: see ``pipeline``."""
+    from prefect import tags
+
+    with torch_threads_for(params.execution), tags(*flow_run_tags(params)):
+        return pipeline.with_options(task_runner=make_task_runner(params.execution),
+                                     flow_run_name=flow_run_name(params, params_path))(
+            params, verbose=verbose, started=started)

@@ -30,7 +30,7 @@ def scheduled_training(params_path: str, overrides: dict[str, Any] | None = None
     """Load the params file (plus overrides) and run the training pipeline once."""
     params = load_params(params_path, overrides or {})
     preflight(params, ParamsOrigin(params_path, dict(overrides or {})))
-    summary = run_pipeline(params, verbose=False)
+    summary = run_pipeline(params, verbose=False, params_path=params_path)
     for r in summary.results:  # log_prints: these lines land in the flow run's logs (UI)
         print(f"{r.category} / {r.method}: image AUROC {r.metrics.get('image_auroc')}")
     print(f"MLflow: experiment {summary.experiment!r}, run {summary.parent_run_id}")

@@ -12,8 +12,10 @@ Prefect deployment on an interval schedule.
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 
 import pandas as pd
+
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.types.entrypoint import EntrypointType
@@ -65,7 +67,8 @@ def track(resolved: dict, batch: inbox_lib.InboxBatch, inbox: str, out: str,
     if batch.duplicates:
         tables["duplicates.csv"] = pd.DataFrame(batch.duplicates)
     return log_scoring_batch(tracking_uri, experiment, resolved, batch.counts, tables,
-                             {"inbox": inbox, "out": out, "format": format or "pyfunc"})
+                             {"inbox": inbox, "out": out, "format": format or "pyfunc"},
+                             overlays=[Path(out) / row["overlay"] for row in batch.rows])
 
 
 @flow(name="defectflow-score", log_prints=False)

@@ -15,17 +15,59 @@ Prefect futures to Prefect) keeps two behaviours of the sequential flow:
 - every step's task inputs are plain values, so its cache key is the same whichever task
   runner runs it, and a second identical run is fully cached.
 
-Each finished step is printed as it finishes (ran or cached, seconds from submission to
-its end) and kept in a row for MLflow's ``steps.csv``, in the order the flow declared it.
+Each finished step is printed as it finishes: ran or cached, its own run time (measured
+inside the worker by ``timed``) and, separately, how long it waited for a worker, a lock or
+a cached result; and kept in a row for MLflow's ``steps.csv`` (with its start and end, epoch
+seconds), in the order the flow declared it. On a terminal one status line below the step
+lines shows what is running; when the output is a file or a pipe there is none.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import queue
+import shutil
+import sys
+import threading
 import time
 from typing import Any, Callable
+
+from prefect.runtime import task_run
+
+# Start and end (epoch seconds) of each task run's own work, by Prefect task-run id, written
+# by ``timed`` in the worker thread (a process-wide dict: the thread runner's workers share
+# it; steps run elsewhere, e.g. on Dask, are timed from submission to end instead).
+_RUN_TIMES: dict[str, list[float]] = {}
+_RUN_TIMES_LOCK = threading.Lock()
+
+
+def timed(fn: Callable) -> Callable:
+    """``fn`` recording when its own work starts and ends in its task run (``_RUN_TIMES``).
+    ``functools.wraps`` keeps ``fn``'s signature and source for Prefect's cache key."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        times = [time.time()]
+        with _RUN_TIMES_LOCK:
+            _RUN_TIMES[str(task_run.id)] = times
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            times.append(time.time())
+
+    return run
+
+
+def _run_times(future) -> list[float] | None:
+    with _RUN_TIMES_LOCK:
+        return _RUN_TIMES.pop(str(getattr(future, "task_run_id", "")), None)
+
+
+def _started(future) -> float | None:
+    with _RUN_TIMES_LOCK:
+        times = _RUN_TIMES.get(str(getattr(future, "task_run_id", "")))
+    return times[0] if times else None
 
 
 class Later:
@@ -37,7 +79,7 @@ class Later:
         self.args, self.kwargs, self.derive = args, kwargs, derive
         self.deps = _laters((args, kwargs))
         self.future = None
-        self.submitted = self.finished = 0.0
+        self.submitted = self.finished = 0.0  # epoch seconds
         self.refreshed = False
         self.done = False
         self.value: Any = None
@@ -105,8 +147,12 @@ def resolve(obj):
 class StepLog:
     """Runs steps on the flow's task runner as their inputs become ready; records each one."""
 
-    def __init__(self, verbose: bool = True):
+    def __init__(self, verbose: bool = True, status_line: bool | None = None):
         self.verbose = verbose
+        # One status line of what is running, on a terminal only (a file gets none).
+        self.status_line = (verbose and sys.stdout.isatty()) if status_line is None \
+            else status_line
+        self._status_shown = False
         self._rows: dict[int, dict] = {}  # by the step's index: a step run again keeps one row
         self._done: list[Later] = []        # finished steps, whose outputs later steps read
         self._waiting: list[Later] = []
@@ -116,7 +162,8 @@ class StepLog:
 
     @property
     def rows(self) -> list[dict]:
-        """One row per finished step (step, status, seconds), in the flow's order."""
+        """One row per finished step, in the flow's order: step, status, seconds (its own
+        run time), wait_seconds (from submission to its start), started, ended (epoch)."""
         return [row for _, row in sorted(self._rows.items())]
 
     # -- declaring steps -----------------------------------------------------------------
@@ -159,7 +206,7 @@ class StepLog:
                     later.value, later.done = later.derive(resolve(later.args[0])), True
                 elif not self._refresh_inputs(later):
                     self._waiting.remove(later)
-                    later.submitted = time.perf_counter()
+                    later.submitted = time.time()
                     self._submit(later)
 
     def _refresh_inputs(self, later: Later) -> bool:
@@ -170,7 +217,7 @@ class StepLog:
                   if not d.refreshed and any(_holds(d.value, ref) for ref in gone)]
         for maker in makers:
             maker.done, maker.refreshed = False, True
-            maker.submitted = time.perf_counter()
+            maker.submitted = time.time()
             self._submit(maker, refresh=True)
             later.deps.append(maker)
         return bool(makers)
@@ -185,7 +232,7 @@ class StepLog:
         self._running.add(later)
 
         def finished(_future, later=later):
-            later.finished = time.perf_counter()
+            later.finished = time.time()
             self._finished.put(later)
 
         future.add_done_callback(finished)
@@ -197,8 +244,35 @@ class StepLog:
             if not self._running:
                 raise RuntimeError(f"steps wait on inputs that never come: "
                                    f"{[w.label for w in self._waiting]}")
-            self._finish(self._finished.get())
+            try:
+                finished = self._finished.get(timeout=1.0 if self.status_line else None)
+            except queue.Empty:
+                self._show_status()
+                continue
+            self._finish(finished)
             self._start_ready()
+        self._clear_status()
+
+    def _show_status(self) -> None:
+        """Rewrite the status line: the steps whose own work has started, with their time."""
+        if not self.status_line:
+            return
+        now = time.time()
+        running = [(later.label, now - started) for later in sorted(self._running,
+                                                                    key=lambda x: x.index)
+                   if (started := _started(later.future)) is not None]
+        text = "  running: " + ", ".join(f"{label} {seconds:.0f} s"
+                                         for label, seconds in running) if running else ""
+        width = shutil.get_terminal_size((100, 20)).columns - 1
+        sys.stdout.write("\r\033[K" + text[:width])
+        sys.stdout.flush()
+        self._status_shown = bool(text)
+
+    def _clear_status(self) -> None:
+        if self._status_shown:
+            sys.stdout.write("\r\033[K")
+            sys.stdout.flush()
+            self._status_shown = False
 
     def _finish(self, later: Later) -> None:
         self._running.discard(later)
@@ -209,11 +283,21 @@ class StepLog:
             self._submit(later, refresh=True)
             return
         status = "cached" if later.future.state.name == "Cached" else "ran"
-        seconds = later.finished - later.submitted
+        own = _run_times(later.future) if status == "ran" else None
+        if own is not None and len(own) == 2:
+            started, ended = own
+        else:  # cached (its work was done before) or run out of this process
+            started, ended = later.submitted, later.finished
         later.value, later.done = value, True
         if later not in self._done:
             self._done.append(later)
+        seconds, waited = ended - started, max(0.0, started - later.submitted)
         self._rows[later.index] = {"step": later.label, "status": status,
-                                   "seconds": round(seconds, 2)}
+                                   "seconds": round(seconds, 2),
+                                   "wait_seconds": round(waited, 2),
+                                   "started": started, "ended": ended}
         if self.verbose:
-            print(f"  {later.label:<40} {status:>6}  {seconds:7.1f} s", flush=True)
+            self._clear_status()
+            wait = f"  (waited {waited:.1f} s)" if waited >= 0.5 else ""
+            print(f"  {later.label:<40} {status:>6}  {seconds:7.1f} s{wait}", flush=True)
+            self._show_status()

@@ -17,6 +17,7 @@ labels out of the memory bank. Unannotated images use the whole image.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -153,6 +154,37 @@ def plan_patches(manifest: pd.DataFrame, patch_size: int | None = None,
     table.insert(0, "patch_id", [f"{r.image_id}@{r.x},{r.y},{r.width},{r.height}"
                                  for r in table.itertuples(index=False)])
     return table.reset_index(drop=True)
+
+
+SQUASH_RATIO = 2.0  # a whole-image run warns about images more elongated than this
+
+
+def squash_warning(manifest: pd.DataFrame, patch_size: int | None) -> str | None:
+    """The warning for a whole-image run (``patch_size`` None) on elongated images: each
+    image is resized to a square, so a 4096 x 256 image loses 16x of its width. None when
+    patches are used or every image is within ``SQUASH_RATIO``:1."""
+    if patch_size is not None or manifest.empty:
+        return None
+    sides = manifest[["width", "height"]].to_numpy(dtype=float)
+    ratios = sides.max(axis=1) / np.maximum(sides.min(axis=1), 1)
+    worst = int(np.argmax(ratios))
+    if ratios[worst] <= SQUASH_RATIO:
+        return None
+    width, height = sides[worst].astype(int)
+    side = int(min(width, height))
+    return (f"{int((ratios > SQUASH_RATIO).sum())} images have an aspect ratio up to "
+            f"{ratios[worst]:.1f}:1 (e.g. {manifest['image_id'].iloc[worst]}, {width}x{height}) "
+            f"and are squashed to a square on a whole-image run; set patches.size (e.g. "
+            f"--set patches.size={side}) to inspect them in square windows")
+
+
+def warn_if_squashed(manifest, patch_size: int | None) -> None:
+    """Warn once (a UserWarning) when ``squash_warning`` has something to say; ``manifest``
+    is a DataFrame or a manifest Ref (``.table()``)."""
+    table = manifest.table() if hasattr(manifest, "table") else manifest
+    message = squash_warning(table, patch_size)
+    if message:
+        warnings.warn(message, UserWarning, stacklevel=2)
 
 
 def denoise_image(image: np.ndarray, denoise: dict | None) -> np.ndarray:

@@ -13,6 +13,12 @@ if TYPE_CHECKING:  # annotations only
     from .steps import Ref
 
 
+def scope(category: str, method: str | None = None) -> str:
+    """The bracket a step's label ends with: ``[category / method]`` or ``[category]``. The
+    flow names its steps so, and tracking finds a run's steps (and their times) by it."""
+    return f"[{category} / {method}]" if method else f"[{category}]"
+
+
 @dataclass(frozen=True)
 class DetectorResult:
     """One (category, method) of a pipeline run: its settings and the steps' outputs."""
@@ -80,3 +86,4 @@ class PipelineSummary:
     results: tuple[ComparisonRow, ...]
     total_seconds: float
     registered: tuple[RegisteredModel, ...] = ()  # params.registry.enabled
+    ui_hint: str = ""  # how to open the MLflow UI's comparison of this store

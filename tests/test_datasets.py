@@ -354,7 +354,7 @@ def elpv_manifest(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
 def test_elpv_package(elpv_manifest: pd.DataFrame) -> None:
     manifest = elpv_manifest
     assert len(manifest) == 2624
-    assert list(manifest.columns) == [*MANIFEST_COLUMNS, "defect_probability"]
+    assert list(manifest.columns) == [*MANIFEST_COLUMNS, "defect_probability", "source_path"]
     assert set(manifest["category"]) == {"mono", "poly"}
     assert set(manifest["defect_probability"].round(2)) == {0.0, 0.33, 0.67, 1.0}
     assert ((manifest["defect_probability"] == 0) == (manifest["label"] == 0)).all()
@@ -372,3 +372,18 @@ def test_elpv_package(elpv_manifest: pd.DataFrame) -> None:
     paths = [Path(path) for path in manifest["path"]]
     assert all(path.suffix == ".png" and path.is_file() for path in paths)
     assert all(path.parent.name == category for path, category in zip(paths, manifest["category"]))
+
+
+def test_elpv_ids_and_overlay_names_are_the_package_file_stems(elpv_manifest) -> None:
+    from defectflow.tasks.datasets.layouts.elpv import labels_file
+    from defectflow.tasks.evaluation.examples import overlay_name
+
+    # labels.csv's fourth line: "images/cell0004.png  0.0  mono" (a good mono cell).
+    line = labels_file().read_text().splitlines()[3].split()
+    assert line[0] == "images/cell0004.png" and float(line[1]) == 0.0 and line[2] == "mono"
+    row = elpv_manifest.set_index("image_id").loc["mono/good/cell0004"]
+    assert Path(row["source_path"]) == labels_file().parent / "images" / "cell0004.png"
+    assert Path(row["path"]).name == "cell0004.png"
+    assert overlay_name("mono/good/cell0004") == "good_cell0004"
+    stems = {Path(p).stem for p in elpv_manifest["source_path"]}
+    assert stems == {i.split("/")[-1] for i in elpv_manifest["image_id"]}

@@ -374,7 +374,7 @@ def test_comparison_table_by_category_with_chosen_columns_and_titles():
         ("a", "patchcore"), ("a", "padim"), ("b", "padim")]
     lines = format_table(table, digits=4, titles=COLUMN_TITLES).splitlines()
     assert lines[0].split() == ["category", "method", "image", "AUROC", "pixel", "AUROC",
-                                "F1-max", "accuracy"]
+                                "F1-max", "(test-tuned)", "accuracy"]
     assert lines[2].split() == ["a", "patchcore", "0.9000", "0.8000", "-", "-"]
     assert len({len(line) for line in lines[:2]}) == 1
     # The same method in two categories is two rows; twice in one category is an error.

@@ -57,6 +57,14 @@ def test_registered_version_has_alias_metrics_and_a_self_contained_model(registe
     assert float(version.tags["threshold"]) == pytest.approx(run.data.metrics["threshold"])
     assert float(version.tags["metric.image_auroc"]) == pytest.approx(
         run.data.metrics["image_auroc"])
+    # A description with the figures at the threshold and the inputs; an output signature.
+    assert f"{run.data.metrics['image_auroc']:.4f}" in version.description
+    assert "recall" in version.description and "`path` column" in version.description
+    from mlflow.models import get_model_info
+
+    signature = get_model_info(f"models:/{MODEL}/1").signature
+    assert signature.outputs.input_names() == ["image", "score", "threshold", "verdict",
+                                               "anomaly_map"]
 
 
 def test_pyfunc_reproduces_the_pipeline_scores(registered, tmp_path):
@@ -137,8 +145,9 @@ def test_score_command_scores_each_image_once_and_quarantines_corrupt_files(
     assert run.data.params["model"] == MODEL and run.data.params["model_version"] == "1"
     assert run.data.metrics["n_scored"] == 6 and run.data.metrics["n_quarantined"] == 1
     assert run.data.metrics["n_defective"] == int(called.sum())
-    assert {"results.csv", "quarantined.csv"} <= {
+    assert {"results.csv", "quarantined.csv", "overlays"} <= {
         a.path for a in client.list_artifacts(run.info.run_id)}
+    assert len(client.list_artifacts(run.info.run_id, "overlays")) == 6
 
     # A second call finds nothing new: nothing scored, moved or logged.
     before = (out / "results.csv").read_bytes()

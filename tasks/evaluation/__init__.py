@@ -6,6 +6,8 @@
 - ``localization``: those metrics on a score folder's maps against the manifest's masks
   (patches, whole images, stitched windows of large images);
 - ``overlays``, ``plots``: PNG figures (matplotlib's Agg canvas, no pyplot);
+- ``examples``: which test images are drawn, at which colour scale and map threshold, and
+  the per-category grid of every method;
 - ``tables``: comparison tables of methods and their terminal text.
 
 The names below load their module on first use (PEP 562 ``__getattr__``): importing the
@@ -25,13 +27,17 @@ _MODULE_OF = {
     **dict.fromkeys(("PIXEL_EVAL_SIDE", "SPRO_FPR_LIMIT", "is_patch_mode", "stitched_map",
                      "stitched_pixel_metrics", "patch_pixel_metrics", "spro_metrics",
                      "mask_crop"), "localization"),
-    **dict.fromkeys(("DISPLAY_MAX_SIDE", "save_overlay", "full_image_figure",
-                     "pick_overlay_examples", "overlay_picks", "save_overlays",
-                     "save_full_image_figures"), "overlays"),
+    **dict.fromkeys(("DISPLAY_MAX_SIDE", "save_overlay", "full_image_figure", "overlay_title",
+                     "threshold_contours", "overlay_pixels", "overlay_figure", "outcome"),
+                    "overlays"),
+    **dict.fromkeys(("pick_overlay_examples", "overlay_picks", "save_overlays",
+                     "save_full_image_figures", "DisplayLevels", "display_levels",
+                     "overlay_name", "MethodMaps", "save_method_grid", "grid_picks"),
+                    "examples"),
     **dict.fromkeys(("plot_roc", "plot_curves", "plot_defect_type_bars", "plot_tsne",
                      "save_figure"), "plots"),
-    **dict.fromkeys(("METRIC_COLUMNS", "COLUMN_TITLES", "comparison_table", "format_table"),
-                    "tables"),
+    **dict.fromkeys(("METRIC_COLUMNS", "COLUMN_TITLES", "comparison_table", "format_table",
+                     "THRESHOLD_COLUMNS", "THRESHOLD_NOTE", "markdown_table"), "tables"),
 }
 __all__ = sorted(_MODULE_OF)
 

@@ -57,8 +57,9 @@ def image_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> d
     A score ``>= threshold`` means "defective". ``image_auroc`` is NaN when the
     labels hold one class only, ``image_aupr``, ``f1_max`` and
     ``f1_max_threshold`` when there is no defective image. ``f1_max`` is the best
-    F1 over all thresholds (an optimistic, label-tuned reference); the
-    ``precision`` ... ``tp`` entries are what the chosen threshold really gives.
+    F1 over all thresholds (an optimistic reference, its threshold chosen with the test
+    labels); the ``precision`` ... ``tp``, ``escape_rate`` (1 - recall) and
+    ``false_alarm_rate`` (FP / good images) entries are what the chosen threshold gives.
     """
     labels, scores = labels_and_scores(labels, scores)
     has_positive, has_negative = bool(labels.any()), bool((~labels).any())
@@ -98,6 +99,10 @@ def image_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> d
         fn=int(fn),
         tp=int(tp),
     )
+    # What the deployed threshold means on the line: the share of defective parts that pass
+    # as good, and the share of good parts flagged (NaN without defective / good images).
+    metrics["escape_rate"] = float(fn / (tp + fn)) if has_positive else math.nan
+    metrics["false_alarm_rate"] = float(fp / (fp + tn)) if has_negative else math.nan
     return metrics
 
 

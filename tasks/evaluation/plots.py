@@ -25,15 +25,42 @@ from ..errors import DefectflowError
 from .metrics import labels_and_scores
 
 
-def plot_roc(labels: np.ndarray, scores: np.ndarray, path: str | Path, title: str) -> Path:
-    """Write the image-level ROC curve, with its AUROC in the legend, as a PNG at ``path``."""
+def operating_point(labels: np.ndarray, scores: np.ndarray, threshold: float
+                    ) -> tuple[float, float, float]:
+    """(false-alarm rate, recall, precision) of the verdict ``score >= threshold``; NaN where
+    undefined (no good image, no defective one, nothing flagged)."""
+    labels, scores = labels_and_scores(labels, scores)
+    flagged = scores >= threshold
+
+    def rate(hits, total) -> float:
+        return float(hits / total) if total else float("nan")
+
+    return (rate((flagged & ~labels).sum(), (~labels).sum()),
+            rate((flagged & labels).sum(), labels.sum()),
+            rate((flagged & labels).sum(), flagged.sum()))
+
+
+def _mark(axes, x: float, y: float, color, label: str | None) -> None:
+    if x == x and y == y:  # not NaN
+        axes.plot([x], [y], marker="o", ms=9, mfc="none", mew=2, color=color, label=label)
+
+
+def plot_roc(labels: np.ndarray, scores: np.ndarray, path: str | Path, title: str,
+             threshold: float | None = None) -> Path:
+    """Write the image-level ROC curve, with its AUROC in the legend, as a PNG at ``path``;
+    with ``threshold``, the operating point of that threshold is marked (a circle)."""
     labels, scores = labels_and_scores(labels, scores)
     figure = Figure(figsize=(5, 5), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     if labels.any() and (~labels).any():
         fpr, tpr, _ = roc_curve(labels, scores)
-        axes.plot(fpr, tpr, lw=2, label=f"AUROC = {roc_auc_score(labels, scores):.3f}")
+        (line,) = axes.plot(fpr, tpr, lw=2, label=f"AUROC = {roc_auc_score(labels, scores):.3f}")
+        if threshold is not None and threshold == threshold:
+            false_alarms, recall, _ = operating_point(labels, scores, threshold)
+            _mark(axes, false_alarms, recall, line.get_color(),
+                  f"threshold {threshold:.4g}: recall {recall:.3f}, "
+                  f"false alarms {false_alarms:.3f}")
     else:
         axes.plot([], [], " ", label="AUROC undefined: one class only")
     axes.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="chance")
@@ -48,14 +75,17 @@ def plot_roc(labels: np.ndarray, scores: np.ndarray, path: str | Path, title: st
 
 
 def plot_curves(
-    curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str
+    curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str,
+    thresholds: dict[str, float] | None = None,
 ) -> Path:
     """Write ROC (left) and precision-recall (right) curves of several methods as one PNG.
 
     ``curves`` maps a method name to its image ``(labels, scores)``; the legends
     carry each method's AUROC and average precision. A method whose labels hold
-    one class only is listed without a curve.
+    one class only is listed without a curve. ``thresholds`` (method -> its deployed
+    threshold) marks each method's operating point on both curves (circles).
     """
+    thresholds = thresholds or {}
     if not curves:
         raise DefectflowError("no curves to plot", path)
     figure = Figure(figsize=(11, 5), dpi=100)
@@ -77,6 +107,11 @@ def plot_curves(
             recall, precision, lw=2, color=line.get_color(), drawstyle="steps-post",
             label=f"{name} (AP {average_precision_score(labels, scores):.3f})",
         )
+        if name in thresholds and thresholds[name] == thresholds[name]:
+            false_alarms, recall, precision_at = operating_point(labels, scores,
+                                                                 thresholds[name])
+            _mark(roc_axes, false_alarms, recall, line.get_color(), None)
+            _mark(pr_axes, recall, precision_at, line.get_color(), None)
         defect_rates.add(float(labels.mean()))
     roc_axes.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="chance")
     if len(defect_rates) == 1:  # the chance level of PR is the defect rate, if all share it
@@ -89,6 +124,9 @@ def plot_curves(
         xlim=(0, 1), ylim=(0, 1.01), title="precision-recall",
         xlabel="recall", ylabel="precision",
     )
+    if thresholds:
+        roc_axes.plot([], [], "o", mfc="none", mew=2, color="grey",
+                      label="o: at the deployed threshold")
     roc_axes.legend(loc="lower right", fontsize="small")
     pr_axes.legend(loc="lower left", fontsize="small")
     figure.suptitle(title)

@@ -32,10 +32,24 @@ COLUMN_TITLES = {
     "pixel_aupr": "pixel AUPR",
     "aupro": "AUPRO",
     "spro": "sPRO",
-    "f1_max": "F1-max",
+    "f1_max": "F1-max (test-tuned)",
     "fpr_at_95_tpr": "FPR@95%TPR",
     "image_auroc_std": "± std",
+    "recall": "recall@thr",
+    "escape_rate": "escapes@thr",
+    "false_alarm_rate": "false alarms@thr",
+    "threshold": "threshold",
 }
+
+# A run's comparison: ranking quality, then what the deployed threshold does on the line.
+THRESHOLD_COLUMNS = ("image_auroc", "pixel_auroc", "recall", "escape_rate", "false_alarm_rate",
+                     "threshold", "f1_max")
+
+# The legend printed under a table with those columns.
+THRESHOLD_NOTE = ("@thr: at the threshold the model uses (0.99 quantile of held-out good "
+                  "images' scores, no test label); escapes = defective parts passed as good "
+                  "(1 - recall); false alarms = good parts flagged. F1-max picks its threshold "
+                  "with the test labels: an optimistic reference, not an operating point.")
 
 
 def comparison_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> pd.DataFrame:
@@ -106,3 +120,22 @@ def format_table(table: pd.DataFrame, digits: int = 3,
 
     rule = "  ".join("-" * width for width in widths)
     return "\n".join([line(header), rule, *(line(row) for row in body)])
+
+
+def markdown_table(table: pd.DataFrame, digits: int = 4,
+                   titles: Mapping[str, str] | None = None) -> str:
+    """The table as GitHub markdown (MLflow descriptions, Prefect artifacts): ``titles`` as
+    in :func:`format_table`, numbers right-aligned, missing values ``-``."""
+    titles = titles or {}
+
+    def cell(value: object) -> str:
+        if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
+            return "-"
+        return f"{value:.{digits}f}" if isinstance(value, (float, np.floating)) else str(value)
+
+    numeric = [pd.api.types.is_numeric_dtype(table[column]) for column in table.columns]
+    lines = ["| " + " | ".join(str(titles.get(c, c)) for c in table.columns) + " |",
+             "|" + "|".join("---:" if right else "---" for right in numeric) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |"
+              for row in table.itertuples(index=False, name=None)]
+    return "\n".join(lines)

@@ -229,7 +229,8 @@ def _score_chunk(scorer: Callable[[list[str]], pd.DataFrame], chunk: list[tuple[
 def _record(path: Path, digest: str, result, inbox: Path, out: Path, results: Path,
             model: str, model_version: str, map_vmax: float | None) -> dict:
     """Write one image's map and overlay, append its row, then move it to done/."""
-    from ..evaluation import save_overlay  # matplotlib: loaded once an image is scored
+    # matplotlib: loaded once an image is scored
+    from ..evaluation import overlay_title, save_overlay
 
     stem = _output_stem(out, path.stem)
     anomaly_map = np.asarray(result.anomaly_map, dtype=np.float32)
@@ -239,8 +240,8 @@ def _record(path: Path, digest: str, result, inbox: Path, out: Path, results: Pa
     partial = overlay_path.with_name(f"{stem}.partial.png")
     shown = np.nan_to_num(anomaly_map, nan=0.0)  # NaN: pixels no patch covered
     save_overlay(read_image(path), None, shown, partial,
-                 title=f"{path.name}  score {result.score:.3f}  ({result.verdict}, "
-                       f"threshold {result.threshold:.3f})",
+                 title=overlay_title(f"{model} v{model_version}", path.name, None,
+                                     float(result.score), float(result.threshold)),
                  vmin=0.0 if map_vmax is not None and shown.min() >= 0 else None,
                  vmax=map_vmax)
     os.replace(partial, overlay_path)

@@ -15,19 +15,20 @@ from .common import step_key
 
 
 def evaluate_step(scores: Ref, manifest: Ref, category: str, threshold_quantile: float,
-                  overlays: int, cache_dir: str) -> Ref:
-    """Metrics (image level, pixel level where masks exist), ROC plot, overlays, score table."""
+                  overlays: int, cache_dir: str, method: str = "") -> Ref:
+    """Metrics (image level, pixel level where masks exist), ROC plot, overlays (titled with
+    ``method``), score table, and the maps' display levels (``display.json``)."""
     # The manifest key covers the masks and the saturation thresholds (defects config).
-    key = step_key("evaluate", scores.key, manifest.key, threshold_quantile, overlays)
+    key = step_key("evaluate", scores.key, manifest.key, threshold_quantile, overlays, method)
     with cached_folder(cache_dir, "evaluations", key) as out:
         if out.missing:
             _evaluate_into(out.partial, scores, manifest.table(), category, threshold_quantile,
-                           overlays)
+                           overlays, method)
     return out.ref
 
 
 def _evaluate_into(folder: Path, scores: Ref, man: pd.DataFrame, category: str,
-                   threshold_quantile: float, overlays: int) -> None:
+                   threshold_quantile: float, overlays: int, method: str) -> None:
     patch_scores = pd.read_parquet(Path(scores.path) / "scores.parquet")
     maps = np.load(Path(scores.path) / "anomaly_maps.npy", mmap_mode="r")
     images = evaluation.image_scores(patch_scores, man)
@@ -49,26 +50,44 @@ def _evaluate_into(folder: Path, scores: Ref, man: pd.DataFrame, category: str,
                    n_val_images=len(val))
 
     test_patches = patch_scores[patch_scores["split"] == "test"]
+    val_patches = patch_scores[patch_scores["split"] == "val"]
+    levels = evaluation.display_levels(val_patches.index.to_numpy(),
+                                       test_patches.index.to_numpy(), maps, threshold_quantile)
+    levels.write(folder)
+    drawn = dict(method=method, threshold=threshold, levels=levels)
     if evaluation.is_patch_mode(patch_scores, man):
         # Large images: metrics over patches (thesis Tables 6.1-6.4), pixel metrics and
         # figures on the stitched full-resolution maps.
-        val_patches = patch_scores[patch_scores["split"] == "val"]
         patch_threshold = (evaluation.threshold_from_good(val_patches["score"].to_numpy(),
                                                           threshold_quantile)
                            if len(val_patches) else float("nan"))
-        per_patch = evaluation.image_metrics(test_patches["label"].to_numpy(),
-                                             test_patches["score"].to_numpy(), patch_threshold)
-        metrics.update({"patch_" + k.removeprefix("image_"): v for k, v in per_patch.items()})
         metrics.update(patch_threshold=patch_threshold, n_test_patches=len(test_patches))
+        if _defects_have_masks(test, man):
+            # A patch's label comes from the mask. Without masks every patch of a defective
+            # image would count as defective: those numbers would mislead, so none is logged.
+            per_patch = evaluation.image_metrics(test_patches["label"].to_numpy(),
+                                                 test_patches["score"].to_numpy(),
+                                                 patch_threshold)
+            metrics.update({"patch_" + k.removeprefix("image_"): v
+                            for k, v in per_patch.items()})
         metrics.update(evaluation.stitched_pixel_metrics(test_patches, maps, man))
         evaluation.save_full_image_figures(folder / "overlays", test, test_patches, maps, man,
-                                           overlays)
+                                           overlays, **drawn)
     else:
         metrics.update(evaluation.patch_pixel_metrics(test_patches, maps, man))
         metrics.update(evaluation.spro_metrics(test_patches, maps, man))
-        evaluation.save_overlays(folder / "overlays", test, test_patches, maps, man, overlays)
+        evaluation.save_overlays(folder / "overlays", test, test_patches, maps, man, overlays,
+                                 **drawn)
 
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
-    evaluation.plot_roc(labels, values, folder / "roc.png", title=f"{category}: image ROC")
+    evaluation.plot_roc(labels, values, folder / "roc.png", title=f"{category}: image ROC",
+                        threshold=threshold)
     evaluation.score_table(test["image_id"].tolist(), labels, values, threshold).to_csv(
         folder / "scores.csv", index=False)
+
+
+def _defects_have_masks(test: pd.DataFrame, man: pd.DataFrame) -> bool:
+    """Every defective test image has a ground-truth mask."""
+    defective = test.loc[test["label"] == 1, "image_id"]
+    masks = man.set_index("image_id").loc[defective, "mask_path"]
+    return bool(len(masks)) and bool(masks.map(lambda p: isinstance(p, str)).all())

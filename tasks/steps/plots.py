@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,14 @@ from .common import step_key
 
 def plots_step(evaluations: dict[str, Ref], manifest: Ref, category: str,
                store: FeatureStoreRef, cache_dir: str, fusion: Ref | None = None,
-               tsne_points: int = 300, seed: int = 0) -> Ref:
+               tsne_points: int = 300, seed: int = 0, scores: dict[str, Ref] | None = None,
+               overlays: int = 6) -> Ref:
     """The category's comparison figures, once all its methods (and the fusion) are done:
 
     - ``curves.png``: image ROC and PR curves of every method on one figure (the fusion
-      with its first seed's evaluation scores);
+      with its first seed's evaluation scores), each detector's deployed threshold marked;
+    - ``overlays.png``: the same ``overlays`` test images under every detector (rows =
+      images, columns = methods), from the maps in ``scores``;
     - ``defect_types.png``: image AUROC per defect type and method (test images);
     - ``tsne.png``: t-SNE of per-image mean-pooled backbone features from the feature
       store (all layers concatenated), up to ``tsne_points`` test images (seeded sample),
@@ -29,12 +33,36 @@ def plots_step(evaluations: dict[str, Ref], manifest: Ref, category: str,
     """
     key = step_key("plots", category, manifest.key, store.key,
                    *sorted(f"{m}:{r.key}" for m, r in evaluations.items()),
-                   fusion.key if fusion is not None else "-", tsne_points, seed)
+                   fusion.key if fusion is not None else "-", tsne_points, seed,
+                   *sorted(f"{m}:{r.key}" for m, r in (scores or {}).items()), overlays)
     with cached_folder(cache_dir, "plots", key) as out:
         if out.missing:
-            _plot_into(out.partial, evaluations, manifest.table().set_index("image_id"),
-                       category, store, fusion, tsne_points, seed)
+            man = manifest.table()
+            _plot_into(out.partial, evaluations, man.set_index("image_id"), category, store,
+                       fusion, tsne_points, seed)
+            if scores and overlays > 0:
+                _method_grid(out.partial / "overlays.png", evaluations, scores, man, category,
+                             overlays)
     return out.ref
+
+
+def _method_grid(path: Path, evaluations: dict[str, Ref], scores: dict[str, Ref],
+                 man: pd.DataFrame, category: str, count: int) -> None:
+    """The same test images under every detector, each at its own threshold."""
+    parts = {}
+    for method in sorted(set(evaluations) & set(scores)):
+        patch_scores = pd.read_parquet(Path(scores[method].path) / "scores.parquet")
+        metrics = json.loads((Path(evaluations[method].path) / "metrics.json").read_text())
+        levels = evaluation.DisplayLevels.read(evaluations[method].path)
+        if levels is None:
+            return
+        parts[method] = evaluation.MethodMaps(
+            test_patches=patch_scores[patch_scores["split"] == "test"],
+            maps=np.load(Path(scores[method].path) / "anomaly_maps.npy", mmap_mode="r"),
+            images=pd.read_csv(Path(evaluations[method].path) / "scores.csv"),
+            threshold=float(metrics.get("threshold", float("nan"))), levels=levels)
+    if parts:
+        evaluation.save_method_grid(path, category, parts, man, count)
 
 
 def _plot_into(folder: Path, evaluations: dict[str, Ref], man: pd.DataFrame, category: str,
@@ -43,9 +71,12 @@ def _plot_into(folder: Path, evaluations: dict[str, Ref], man: pd.DataFrame, cat
     if fusion is not None:
         fused = pd.read_csv(Path(fusion.path) / "scores.csv")
         tables[FUSION_METHOD] = fused[fused["seed"] == fused["seed"].min()]
+    thresholds = {m: json.loads((Path(r.path) / "metrics.json").read_text()).get("threshold")
+                  for m, r in evaluations.items()}
     evaluation.plot_curves({m: (t["label"].to_numpy(), t["score"].to_numpy())
                             for m, t in tables.items()},
-                           folder / "curves.png", title=f"{category}: image ROC and PR")
+                           folder / "curves.png", title=f"{category}: image ROC and PR",
+                           thresholds={m: t for m, t in thresholds.items() if t is not None})
     rows = []
     for method, table in tables.items():
         types = man.loc[table["image_id"], "defect_type"].to_numpy()

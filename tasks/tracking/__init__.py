@@ -13,6 +13,8 @@ YAML; artifacts under stable names (``manifest.parquet``, ``counts.csv``,
 - ``loading``: model references, loading a registered model, scoring-batch runs;
 - ``exports``: ONNX / OpenVINO exports of a registered version, logged on its run (loads
   torch: import ``tracking.exports`` itself).
+- ``views``: what the MLflow UI shows without clicks (experiment kind, the runs table's
+  comparison view, the parent run's description).
 """
 
 import os
@@ -21,6 +23,7 @@ import os
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in CLI output
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no INFO lines in the step log
 
 from .client import Tracker  # noqa: E402
 from .loading import load_model, log_scoring_batch, parse_model_ref, resolve_model  # noqa: E402

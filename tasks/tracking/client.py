@@ -27,6 +27,10 @@ class Tracker:
         # The registry lives in the same store. Set both process-wide: log_model registers
         # through MLflow's global registry URI, which an earlier load_model may have pointed
         # at another store.
+        # MLflow's INFO lines ("Creating initial MLflow database tables...") would land in
+        # the middle of the step log.
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -43,19 +47,27 @@ class Tracker:
         self.parent_id: str | None = None
         self.open_runs: list[str] = []  # started, not yet ended: end_open closes them
 
+    def tag_experiment(self, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_experiment_tag(self.experiment_id, key, value)
+
     # -- runs --------------------------------------------------------------------
+    # Runs are recorded after the work they describe: ``start_time`` / ``end_time`` (epoch
+    # seconds) are when that work really ran; None means now.
     def start_parent(self, run_name: str, params: Mapping[str, str],
-                     tags: Mapping[str, str]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags))
+                     tags: Mapping[str, str], start_time: float | None = None) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags),
+                                     start_time=_millis(start_time))
         self.parent_id = run.info.run_id
         self.open_runs.append(self.parent_id)
         self.log_params(self.parent_id, params)
         return self.parent_id
 
     def start_child(self, run_name: str, params: Mapping[str, str],
-                    tags: Mapping[str, str]) -> str:
+                    tags: Mapping[str, str], start_time: float | None = None) -> str:
         tags = {**tags, "mlflow.parentRunId": self.parent_id}
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags,
+                                     start_time=_millis(start_time))
         self.open_runs.append(run.info.run_id)
         self.log_params(run.info.run_id, params)
         return run.info.run_id
@@ -66,8 +78,9 @@ class Tracker:
         self.open_runs.append(run.info.run_id)
         return run.info.run_id
 
-    def finish(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+    def finish(self, run_id: str, status: str = "FINISHED", end_time: float | None = None
+               ) -> None:
+        self.client.set_terminated(run_id, status=status, end_time=_millis(end_time))
         if run_id in self.open_runs:
             self.open_runs.remove(run_id)
 
@@ -129,6 +142,10 @@ def artifact_folder(experiment: str) -> str:
     a name like ``../evil`` stays inside the artifact root."""
     folder = re.sub(r"[^A-Za-z0-9._-]", "_", experiment).lstrip(".")
     return folder or "experiment"
+
+
+def _millis(seconds: float | None) -> int | None:
+    return None if seconds is None else int(round(seconds * 1000))
 
 
 def _default_artifact_root(uri: str) -> Path | None:

@@ -4,7 +4,7 @@ version, the version loaded as a pyfunc, and one run per scored inbox batch."""
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import mlflow
@@ -57,10 +57,11 @@ def load_model(ref: str | dict, uri: str):
 
 
 def log_scoring_batch(uri: str, experiment: str, model: dict, counts: Mapping[str, float],
-                      tables: Mapping[str, pd.DataFrame], extra_params: Mapping[str, str]
-                      ) -> str:
+                      tables: Mapping[str, pd.DataFrame], extra_params: Mapping[str, str],
+                      overlays: Sequence[str | Path] = ()) -> str:
     """One MLflow run per scored inbox batch: the model and version as params, the counts as
-    metrics and the batch's tables (``results.csv``, ``quarantined.csv``) as artifacts."""
+    metrics, the batch's tables (``results.csv``, ``quarantined.csv``) and its images'
+    ``overlays`` (under ``overlays/``) as artifacts."""
     tracker = Tracker(uri, experiment)
     with tracker.ending_runs():  # a failure below marks the run FAILED, never RUNNING
         run_id = tracker.start_run(f"score-{model['name']}",
@@ -73,5 +74,7 @@ def log_scoring_batch(uri: str, experiment: str, model: dict, counts: Mapping[st
         with tempfile.TemporaryDirectory() as tmp:
             for name, table in tables.items():
                 tracker.log_table(run_id, table, name, Path(tmp))
+        for overlay in overlays:
+            tracker.log_file(run_id, overlay, "overlays")
         tracker.finish(run_id)
     return run_id

@@ -8,6 +8,35 @@ from importlib.metadata import PackageNotFoundError, version
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types.schema import Array
+
+# What predict returns, one row per image. No input schema: MLflow would enforce it and
+# refuse the lists of paths or arrays that predict also accepts (see DetectorPyfunc);
+# the inputs are described in each version's description (``version_description``).
+SIGNATURE = ModelSignature(inputs=None, outputs=Schema([
+    ColSpec(DataType.string, "image"), ColSpec(DataType.double, "score"),
+    ColSpec(DataType.double, "threshold"), ColSpec(DataType.string, "verdict"),
+    ColSpec(Array(Array(DataType.float)), "anomaly_map")]))
+
+INPUTS = ("a pandas DataFrame with a `path` column of image files, a list of paths, or a list "
+          "of RGB uint8 arrays (H, W, 3)")
+OUTPUTS = ("one row per image: `image`, `score`, `threshold`, `verdict` (`defective` if "
+           "score >= threshold, else `good`), `anomaly_map` (float32 H x W)")
+
+
+def version_description(what: str, metrics: dict, threshold: float) -> str:
+    """A registered version's description: what it is, its test figures at its threshold,
+    and how to call it."""
+    def figure(name: str) -> str:
+        value = metrics.get(name)
+        return "-" if not isinstance(value, (int, float)) or value != value else f"{value:.4f}"
+
+    return (f"{what}. Test image AUROC {figure('image_auroc')}; at its threshold "
+            f"{threshold:.4g}: recall {figure('recall')}, escape rate {figure('escape_rate')}, "
+            f"false-alarm rate {figure('false_alarm_rate')}.\n\nInput: {INPUTS}.\n"
+            f"Output: {OUTPUTS}.")
 
 from ..serving.config import B64_COLUMN
 

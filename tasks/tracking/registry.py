@@ -21,7 +21,8 @@ from ..results import DetectorResult, FusionResult, RegisteredModel
 from ..serving.config import config_from_pipeline, overlay_scale
 from ..serving.model_folder import write_fusion_model_folder, write_model_folder
 from .client import Tracker
-from .pyfunc import DetectorPyfunc, FusionPyfunc, pip_requirements
+from .pyfunc import (SIGNATURE, DetectorPyfunc, FusionPyfunc, pip_requirements,
+                     version_description)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +53,8 @@ def filter_literal(value: str) -> str:
 
 
 def register_detector(tracker: Tracker, run_id: str, name: str, model_folder: str | Path,
-                      tags: Mapping[str, object], fusion: bool = False) -> str:
+                      tags: Mapping[str, object], fusion: bool = False,
+                      description: str | None = None) -> str:
     """Log ``model_folder`` (``serving.write_model_folder``, or with ``fusion``
     ``serving.write_fusion_model_folder``) as a pyfunc LoggedModel of ``run_id`` and
     register it as a new version of ``name``; returns the version."""
@@ -64,17 +66,22 @@ def register_detector(tracker: Tracker, run_id: str, name: str, model_folder: st
     try:
         # log_model works on the active run; in a Prefect worker thread none is active, so
         # the child run is resumed for this call (MLflow keeps the active run per thread).
-        with mlflow.start_run(run_id=run_id, experiment_id=tracker.experiment_id):
+        with mlflow.start_run(run_id=run_id, experiment_id=tracker.experiment_id), \
+                warnings.catch_warnings():
+            # The signature describes the outputs only (see pyfunc.SIGNATURE): no example.
+            warnings.filterwarnings("ignore", message=".*input example was not provided")
             info = mlflow.pyfunc.log_model(
                 name="fusion" if fusion else "detector",
                 python_model=FusionPyfunc() if fusion else DetectorPyfunc(),
                 artifacts={"model": str(model_folder)}, pip_requirements=pip_requirements(),
-                registered_model_name=name, await_registration_for=60)
+                signature=SIGNATURE, registered_model_name=name, await_registration_for=60)
     finally:
         pyfunc_log.setLevel(level)
     version = str(info.registered_model_version)
     for key, value in tags.items():
         tracker.client.set_model_version_tag(name, version, key, str(value))
+    if description:
+        tracker.client.update_model_version(name, version, description=description)
     return version
 
 
@@ -108,7 +115,8 @@ def _version_with_tag(client: MlflowClient, name: str, key: str, value: str) -> 
 
 
 def _register_once(tracker: Tracker, run_id: str, name: str, tags: dict,
-                   write_folder: Callable[[Path], Path], fusion: bool = False) -> str:
+                   write_folder: Callable[[Path], Path], fusion: bool = False,
+                   description: str | None = None) -> str:
     """The version of ``name`` tagged with ``tags["model_key"]``; when there is none, the
     model folder ``write_folder(folder)`` writes is registered from run ``run_id`` with
     ``tags``. Either way the run is tagged with the model's name and version."""
@@ -116,7 +124,8 @@ def _register_once(tracker: Tracker, run_id: str, name: str, tags: dict,
     if version is None:
         with tempfile.TemporaryDirectory(prefix="defectflow-model-") as tmp:
             folder = write_folder(Path(tmp) / "model")
-            version = register_detector(tracker, run_id, name, folder, tags, fusion=fusion)
+            version = register_detector(tracker, run_id, name, folder, tags, fusion=fusion,
+                                        description=description)
     tracker.set_tags(run_id, {"registered_model": name, "registered_version": version})
     return version
 
@@ -155,9 +164,12 @@ def register_detectors(tracker: Tracker, params, tracked: list[TrackedRun]
                 "method": result.method, "backbone": params.features.backbone,
                 "threshold": threshold, "model_key": model_key,
                 **{f"metric.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}}
+        what = (f"{result.method} detector of {params.dataset_name} / {result.category} "
+                f"({params.features.backbone})")
         version = _register_once(
             tracker, item.run_id, name, tags,
-            lambda folder: write_model_folder(folder, result.model.path, config))
+            lambda folder: write_model_folder(folder, result.model.path, config),
+            description=version_description(what, metrics, threshold))
         registered.append(RegisteredModel(name, version, result.category, result.method))
     return _promote(tracker, registry, registered,
                     {r.name: registry.metric for r in registered})
@@ -228,10 +240,13 @@ def register_fusions(tracker: Tracker, params, tracked: list[TrackedRun]
                 "train_seed": config.train_seed, "model_key": model_key,
                 **{f"metric.{k}": v for k, v in item.metrics.items()
                    if isinstance(v, (int, float)) and v == v}}
+        what = (f"SegAD fusion of {', '.join(config.detectors)} for {params.dataset_name} / "
+                f"{category} (score: the forest's margin, first seed's forest)")
         version = _register_once(
             tracker, item.run_id, name, tags,
             lambda folder: write_fusion_model_folder(folder, ref.path, packed),
-            fusion=True)
+            fusion=True, description=version_description(
+                what, {"image_auroc": item.metrics.get("image_auroc_mean")}, config.threshold))
         registered.append(RegisteredModel(name, version, category, FUSION_METHOD))
         metric_of[name] = fusion_metric(registry.metric, item.metrics)
     return _promote(tracker, registry, registered, metric_of)

@@ -12,26 +12,32 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
 
 from ..params import FUSION_METHOD, flatten
 from ..results import (CategoryPlots, ComparisonRow, DetectorResult, FusionResult,
-                       PipelineSummary)
+                       PipelineSummary, scope)
+from . import views
 from .client import Tracker
 from .registry import TrackedRun, register_detectors, register_fusions
 
 
 def record_pipeline(params, scanned, properties, results: list[DetectorResult],
-                    step_rows: list[dict], seconds: float,
+                    step_rows: list[dict], started: float,
                     fusions: list[FusionResult] | None = None,
                     plots: list[CategoryPlots] | None = None) -> PipelineSummary:
-    """Log one pipeline invocation: parent run (data tables, step cache report), one child
-    run per (category, method) with its metrics, plots, overlays and fitted detector, one
-    per category's fusion; register the models when ``params.registry.enabled``."""
+    """Log one pipeline invocation: parent run (data tables, step cache report, comparison
+    table as its description), one child run per (category, method) with its metrics,
+    plots, overlays and fitted detector, one per category's fusion; register the models
+    when ``params.registry.enabled``. ``started`` (epoch seconds) is when the invocation
+    began: the parent run's start, and ``total_seconds`` runs from it to the parent's end.
+    Each child run spans its own steps (``step_rows``' ``started``/``ended``)."""
     experiment = params.tracking.experiment or params.dataset_name
     tracker = Tracker(params.tracking.resolved_uri(), experiment)
+    tracker.tag_experiment(views.EXPERIMENT_TAGS)
     steps = pd.DataFrame(step_rows)
     all_cached = bool(len(steps)) and bool((steps["status"] == "cached").all())
     base_tags = {"dataset": params.dataset_name, "backbone": params.features.backbone}
@@ -39,34 +45,59 @@ def record_pipeline(params, scanned, properties, results: list[DetectorResult],
     # opened as FAILED instead of leaving them RUNNING.
     with tracker.ending_runs():
         parent = tracker.start_parent(f"{params.dataset_name}-pipeline", flatten(params),
-                                      {**base_tags, "all_steps_cached": str(all_cached)})
+                                      {**base_tags, "all_steps_cached": str(all_cached)},
+                                      start_time=started)
         rows: list[ComparisonRow] = []
         tracked: list[TrackedRun] = []  # detectors and fusions to register (params.registry)
+        ends: dict[str, float | None] = {}  # each child's end: registering resumes its run
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             _log_data(tracker, parent, scanned, properties, steps, work)
             for result in results:
-                tracked.append(_log_detector(tracker, params, base_tags, result))
+                window = _window(step_rows, scope(result.category, result.method))
+                tracked.append(_log_detector(tracker, params, base_tags, result, window))
+                ends[tracked[-1].run_id] = window[1]
                 rows.append(ComparisonRow(result.category, result.method, tracked[-1].run_id,
                                           tracked[-1].metrics))
             for fused in fusions or []:
-                tracked.append(_log_fusion(tracker, params, base_tags, fused))
+                window = _window(step_rows, scope(fused.category), first_word="fusion")
+                tracked.append(_log_fusion(tracker, params, base_tags, fused, window))
+                ends[tracked[-1].run_id] = window[1]
                 rows.append(_fusion_row(tracked[-1]))
-            for plotted in plots or []:  # per category: curves, defect-type bars, t-SNE
+            for plotted in plots or []:  # per category: curves, overlays grid, t-SNE, ...
                 if any(Path(plotted.plots.path).iterdir()):
                     tracker.log_folder(parent, plotted.plots.path, f"plots/{plotted.category}")
             tracker.log_table(parent, pd.DataFrame([row.row() for row in rows]),
                               "comparison.csv", work)
-            tracker.log_metrics(parent, {"total_seconds": seconds})
+        tracker.set_tags(parent, {"mlflow.note.content": views.description(
+            rows, f"{params.dataset_name}: methods compared (parent run {parent})")})
         registered = []
         if params.registry.enabled:  # model registry (off by default): see register_detectors
             registered = (register_detectors(tracker, params, tracked)
                           + register_fusions(tracker, params, tracked))
-        tracker.finish(parent)
+            for run_id, end in ends.items():  # log_model resumed and ended the runs anew
+                tracker.finish(run_id, end_time=end)
+        ended = time.time()
+        seconds = ended - started
+        tracker.log_metrics(parent, {"total_seconds": seconds})
+        tracker.finish(parent, end_time=ended)
     return PipelineSummary(experiment=experiment, experiment_id=tracker.experiment_id,
                            parent_run_id=parent, all_steps_cached=all_cached,
                            results=tuple(rows), total_seconds=seconds,
-                           registered=tuple(registered))
+                           registered=tuple(registered),
+                           ui_hint=views.ui_hint(tracker.uri, tracker.experiment_id))
+
+
+def _window(step_rows: list[dict], suffix: str, first_word: str | None = None
+            ) -> tuple[float | None, float | None]:
+    """(start, end) in epoch seconds of the steps whose label ends with ``suffix`` (and
+    starts with ``first_word``): from the first one's start to the last one's end."""
+    chosen = [row for row in step_rows if row["step"].endswith(suffix)
+              and (first_word is None or row["step"].split(" ")[0] == first_word)
+              and row.get("started") is not None]
+    if not chosen:
+        return None, None
+    return min(r["started"] for r in chosen), max(r["ended"] for r in chosen)
 
 
 def _log_data(tracker: Tracker, parent: str, scanned, properties, steps: pd.DataFrame,
@@ -87,8 +118,8 @@ def _log_data(tracker: Tracker, parent: str, scanned, properties, steps: pd.Data
                                  "steps_total": len(steps)})
 
 
-def _log_detector(tracker: Tracker, params, base_tags: dict, result: DetectorResult
-                  ) -> TrackedRun:
+def _log_detector(tracker: Tracker, params, base_tags: dict, result: DetectorResult,
+                  window: tuple[float | None, float | None]) -> TrackedRun:
     """One (category, method) child run: its settings, metrics (training curves by step),
     evaluation files, overlays and fitted detector."""
     evaluation = Path(result.evaluation.path)
@@ -100,7 +131,8 @@ def _log_detector(tracker: Tracker, params, base_tags: dict, result: DetectorRes
                     "normalization.mean": result.normalization["mean"],
                     "normalization.std": result.normalization["std"],
                     "feature_store_key": result.features.key}
-    child = tracker.start_child(f"{result.category}-{result.method}", child_params, tags)
+    child = tracker.start_child(f"{result.category}-{result.method}", child_params, tags,
+                                start_time=window[0])
     tracker.log_metrics(child, metrics)
     history_path = Path(result.model.path) / "history.json"
     if history_path.is_file():  # training curves: one metric per epoch, by step
@@ -112,11 +144,12 @@ def _log_detector(tracker: Tracker, params, base_tags: dict, result: DetectorRes
     if any((evaluation / "overlays").iterdir()):
         tracker.log_folder(child, evaluation / "overlays", "overlays")
     tracker.log_folder(child, result.model.path, "model")
-    tracker.finish(child)
+    tracker.finish(child, end_time=window[1])
     return TrackedRun(result, child, metrics)
 
 
-def _log_fusion(tracker: Tracker, params, base_tags: dict, fused: FusionResult) -> TrackedRun:
+def _log_fusion(tracker: Tracker, params, base_tags: dict, fused: FusionResult,
+                window: tuple[float | None, float | None]) -> TrackedRun:
     """One category's fusion child run: per-seed metrics by step, the summary's numbers and
     the fusion's tables."""
     folder = Path(fused.fusion.path)
@@ -125,15 +158,17 @@ def _log_fusion(tracker: Tracker, params, base_tags: dict, fused: FusionResult) 
             "fusion_mode": summary.get("mode", "supervised")}
     child = tracker.start_child(f"{fused.category}-{FUSION_METHOD}",
                                 {**flatten(params), "fusion.detectors": summary["detectors"]},
-                                tags)
+                                tags, start_time=window[0])
     per_seed = pd.read_csv(folder / "per_seed.csv")
     for row in per_seed.itertuples(index=False):  # one step per seed
         tracker.log_metrics(child, {"seed_image_auroc": row.image_auroc,
                                     "seed_image_aupr": row.image_aupr}, step=int(row.seed))
     tracker.log_metrics(child, _numeric(summary))
+    # The number the CLI prints and the runs table compares with the detectors' image_auroc.
+    tracker.log_metrics(child, {"image_auroc": summary.get("image_auroc_mean")})
     for name in ("per_seed.csv", "scores.csv", "summary.json"):
         tracker.log_file(child, folder / name)
-    tracker.finish(child)
+    tracker.finish(child, end_time=window[1])
     return TrackedRun(fused, child, summary)
 
 
