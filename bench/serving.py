@@ -183,7 +183,7 @@ def main() -> None:
     print(f"{len(paths)} Magnetic Tile test images, {args.threads} threads, "
           f"load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}, "
           f"at end {os.getloadavg()[0]:.1f}")
-    print(f"\n| scorer | images/s | image AUROC |\n|---|---|---|")
+    print("\n| scorer | images/s | image AUROC |\n|---|---|---|")
     for name, seconds, frame in rows:
         auroc = "" if frame is None else f"{roc_auc_score(labels, frame['score']):.4f}"
         print(f"| {name} | {len(paths) / seconds:.1f} | {auroc} |")

@@ -20,6 +20,25 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="defectflow-prefect-")
 
 
+def wait_for_http(url: str, process, log: Path, timeout: float) -> None:
+    """Wait until ``url`` answers 200, failing the test with the server's log if the
+    process ends or ``timeout`` seconds pass first."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"no answer from {url}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
 def textured_image(rng: np.random.Generator, size: int = 64) -> np.ndarray:
     """A 'good product': a regular stripe texture with mild noise (RGB uint8)."""
     yy, xx = np.mgrid[0:size, 0:size]

@@ -10,15 +10,13 @@ import re
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-from conftest import make_folder_dataset
+from conftest import make_folder_dataset, wait_for_http
 from defectflow.cli import main
 
 
@@ -41,17 +39,7 @@ def mlflow_server(tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                pytest.fail(f"mlflow server did not start: {(tmp / 'server.log').read_text()}")
-            time.sleep(0.5)
+        wait_for_http(f"{uri}/health", server, tmp / "server.log", timeout=180)
         yield uri
     finally:
         server.terminate()
@@ -123,7 +111,7 @@ def test_pipeline_on_an_mlflow_server_shows_the_comparison(mlflow_server, tmp_pa
     printed_total = float(re.search(r"total time: ([\d.]+) s", out).group(1))
     assert printed_total == round(parent.data.metrics["total_seconds"], 1)
     for method, child in children.items():
-        label = (f"fusion [product]" if method == "segad_fusion"
+        label = ("fusion [product]" if method == "segad_fusion"
                  else f"[product / {method}]")
         own = steps[steps["step"].str.endswith(label)
                     if method != "segad_fusion" else steps["step"] == label]

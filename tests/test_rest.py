@@ -10,16 +10,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import make_folder_dataset
+from conftest import make_folder_dataset, wait_for_http
 from defectflow.cli import main
 from defectflow.tasks.methods import PaDiM
 from test_flow import write_params
@@ -74,17 +72,7 @@ def server(registered):
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert process.poll() is None, (tmp / "serve.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=5) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "mlflow models serve did not answer /ping"
-            time.sleep(1)
+        wait_for_http(f"{base}/ping", process, tmp / "serve.log", timeout=300)
         yield base
     finally:
         # The server's own process group (gunicorn/uvicorn and its workers), nothing else.

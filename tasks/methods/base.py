@@ -154,3 +154,6 @@ class FeatureDetector(Detector):
     (``PatchSet.feature_chunks``), so scoring new images extracts them first."""
 
     reads_features: ClassVar[bool] = True
+    # Their scoring is torch over feature maps (``torch_head``), so they export unless a
+    # detector says why not.
+    export_refusal: ClassVar[str | None] = None

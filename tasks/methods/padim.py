@@ -126,7 +126,6 @@ def upsample_and_smooth(patch_scores: np.ndarray, size: int, sigma: float) -> np
 class PaDiM(FeatureDetector):
     name = "padim"
     Params = PaDiMParams
-    export_refusal = None
 
     def __init__(self, params: PaDiMParams | None = None):
         super().__init__(params)

@@ -95,7 +95,6 @@ def embed(feature_maps: dict[str, np.ndarray], layers,
 class PatchCore(FeatureDetector):
     name = "patchcore"
     Params = PatchCoreParams
-    export_refusal = None
 
     def __init__(self, params: PatchCoreParams | None = None):
         super().__init__(params)
