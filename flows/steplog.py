@@ -43,14 +43,21 @@ _RUN_TIMES: dict[str, list[float]] = {}
 _RUN_TIMES_LOCK = threading.Lock()
 
 
+def _start_timing() -> list[float]:
+    """This task run's [start] in ``_RUN_TIMES``; the caller appends its end."""
+    times = [time.time()]
+    with _RUN_TIMES_LOCK:
+        _RUN_TIMES[str(task_run.id)] = times
+    return times
+
+
 def timed(fn: Callable) -> Callable:
     """``fn`` recording when its own work starts and ends in its task run (``_RUN_TIMES``).
-    ``functools.wraps`` keeps ``fn``'s signature and source for Prefect's cache key."""
+    ``functools.wraps`` keeps ``fn``'s signature and source for Prefect's cache key. The
+    wrapper refers only to importable functions (no lock of its own), so Dask can pickle it."""
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        times = [time.time()]
-        with _RUN_TIMES_LOCK:
-            _RUN_TIMES[str(task_run.id)] = times
+        times = _start_timing()
         try:
             return fn(*args, **kwargs)
         finally:

@@ -167,4 +167,4 @@ def test_loco_flow_end_to_end_with_one_class_fusion_and_plots(tmp_path, capsys):
     parent = next(r for r in runs if not r.data.tags.get("mlflow.parentRunId"))
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots/box")}
     assert plots == {"plots/box/curves.png", "plots/box/defect_types.png",
-                     "plots/box/tsne.png"}
+                     "plots/box/tsne.png", "plots/box/overlays.png"}

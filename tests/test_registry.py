@@ -51,7 +51,7 @@ def test_inbox_scores_quarantines_and_moves_last(tmp_path):
     scorer = DarkPixelScorer()
     batch = inbox_lib.score_inbox(inbox, out, scorer, "m", "3", map_vmax=1.0)
     assert batch.counts == {"n_scored": 2, "n_quarantined": 1, "n_defective": 1,
-                            "n_recovered": 0}
+                            "n_recovered": 0, "n_duplicates": 0}
     results = inbox_lib.read_results(out)
     assert list(results["image"]) == ["a.png", "b.png"]
     assert list(results["verdict"]) == ["good", "defective"]

@@ -187,8 +187,9 @@ def score_inbox(inbox: str | Path, out: str | Path,
             digest = file_hash(path)
             if (path.name, digest) in seen:
                 first_done = seen[(path.name, digest)]
+                sent_again = Path(first_done).is_file()  # asked before this one moves there
                 moved = _move(path, inbox / DONE)
-                if Path(first_done).is_file():  # sent again: the first copy is in done/
+                if sent_again:  # the first copy is in done/
                     batch.duplicates.append({"image": path.name, "sha256": digest,
                                              "moved_to": str(moved), "first_done": first_done})
                 else:  # its row was written before a crash, the move never happened
