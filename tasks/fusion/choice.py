@@ -1,0 +1,132 @@
+"""The fusion that chooses without test labels (``fusion.setting: auto``).
+
+On its own training split only (held-out goods plus the seed's labelled or synthetic
+defects), stratified k-fold cross-validation scores three kinds of candidate by their
+mean per-fold AUROC:
+
+- ``"forest"``: SegAD's boosted forest on the segment features;
+- ``"stacker"``: logistic regression on the detectors' goods-standardized image scores;
+- each detector alone (its own image score; nothing to fit, so its folds' AUROC is just
+  its ranking of the held-out fold).
+
+The best mean wins; within ``tolerance`` of it the simplest candidate is kept (a detector
+before the stacker before the forest): with ~20 labelled defects a fold holds ~4, and a
+gain smaller than the folds' noise is no reason to trust more parameters. The chosen
+candidate is then refitted on the whole training split. Which one, and why, is recorded
+per seed (``Choice``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from ..errors import DefectflowError
+from .forest import fit_classifier, margin_scores
+from .stacking import Stacker, fit_stacker
+
+FOREST = "forest"
+STACKER = "stacker"
+DEFAULT_FOLDS = 5
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Which fusion a seed uses, every candidate's cross-validated AUROC, and why."""
+
+    chosen: str                         # "forest", "stacker" or a detector's name
+    cv_auroc: Mapping[str, float] = field(default_factory=dict)
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class FittedFusion:
+    """The chosen candidate fitted on the whole training split."""
+
+    choice: Choice
+    forest_columns: tuple[str, ...] = ()
+    forest: object | None = None        # XGBClassifier
+    stacker: Stacker | None = None
+    score_column: str | None = None     # a single detector's image score
+
+    def score(self, frame: pd.DataFrame) -> np.ndarray:
+        """Scores of ``frame``'s rows (higher = more defective)."""
+        if self.forest is not None:
+            return margin_scores(self.forest,
+                                 frame.loc[:, list(self.forest_columns)].to_numpy(np.float32))
+        if self.stacker is not None:
+            return self.stacker.decision(frame)
+        return frame[self.score_column].to_numpy(np.float64)
+
+
+def _candidates(detector_columns: Mapping[str, str], forest_columns: Sequence[str], kind: str,
+                seed: int, n_jobs: int) -> dict[str, Callable]:
+    """name -> fit(frame, labels) -> FittedFusion, simplest first."""
+    def single(name: str, column: str):
+        return lambda frame, y: FittedFusion(Choice(name), score_column=column)
+
+    def stacker(frame, y):
+        return FittedFusion(Choice(STACKER),
+                            stacker=fit_stacker(frame, y, list(detector_columns.values())))
+
+    def forest(frame, y):
+        model = fit_classifier(frame.loc[:, list(forest_columns)].to_numpy(np.float32), y,
+                               kind=kind, seed=seed, n_jobs=n_jobs)
+        return FittedFusion(Choice(FOREST), forest_columns=tuple(forest_columns), forest=model)
+
+    out = {name: single(name, column) for name, column in detector_columns.items()}
+    if len(detector_columns) > 1:
+        out[STACKER] = stacker
+    out[FOREST] = forest
+    return out
+
+
+def cross_validated_auroc(frame: pd.DataFrame, labels: np.ndarray,
+                          candidates: Mapping[str, Callable], seed: int,
+                          folds: int = DEFAULT_FOLDS) -> dict[str, float]:
+    """Mean per-fold AUROC of each candidate, on the same stratified folds (seeded)."""
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = np.asarray(labels).astype(int)
+    folds = min(int(folds), int(labels.sum()), int((labels == 0).sum()))
+    if folds < 2:
+        raise DefectflowError(f"the fusion's choice needs at least 2 good and 2 defective "
+                              f"training images (got {int((labels == 0).sum())} good, "
+                              f"{int(labels.sum())} defective)")
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    totals = dict.fromkeys(candidates, 0.0)
+    for fit_rows, held_rows in splitter.split(np.zeros(len(labels)), labels):
+        fit_part, held_part = frame.iloc[fit_rows], frame.iloc[held_rows]
+        for name, fit in candidates.items():
+            scores = fit(fit_part, labels[fit_rows]).score(held_part)
+            totals[name] += roc_auc_score(labels[held_rows], scores) / folds
+    return totals
+
+
+def choose_and_fit(frame: pd.DataFrame, labels: np.ndarray, detector_columns: Mapping[str, str],
+                   forest_columns: Sequence[str], kind: str = "brf", seed: int = 0,
+                   n_jobs: int = 1, folds: int = DEFAULT_FOLDS,
+                   tolerance: float = 0.0) -> FittedFusion:
+    """Choose by cross-validation on ``frame`` (the training split only) and refit the choice.
+
+    ``detector_columns``: detector name -> its image-score column; ``forest_columns``: the
+    forest's features. The first candidate (simplest first) within ``tolerance`` of the best
+    mean AUROC is chosen.
+    """
+    labels = np.asarray(labels).astype(int)
+    candidates = _candidates(detector_columns, forest_columns, kind, seed, n_jobs)
+    cv = cross_validated_auroc(frame, labels, candidates, seed, folds)
+    best_name = max(cv, key=lambda name: cv[name])
+    chosen = next(name for name in candidates if cv[name] >= cv[best_name] - tolerance)
+    ranked = ", ".join(f"{name} {value:.3f}" for name, value in
+                       sorted(cv.items(), key=lambda item: -item[1]))
+    reason = (f"highest {folds}-fold CV AUROC on the training split" if chosen == best_name
+              else f"simplest within {tolerance:g} of the best ({best_name})") + f": {ranked}"
+    fitted = candidates[chosen](frame, labels)
+    choice = Choice(chosen, {k: round(float(v), 6) for k, v in cv.items()}, reason)
+    return FittedFusion(choice, fitted.forest_columns, fitted.forest, fitted.stacker,
+                        fitted.score_column)
