@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _pipeline import category_features_without_prefect, prepare_without_prefect  # noqa: E402
 
 from defectflow.tasks import fusion as segad  # noqa: E402
-from defectflow.tasks.fusion.choice import choose_and_fit  # noqa: E402
+from defectflow.tasks.fusion.choice import DEFAULT_TOLERANCE, choose_and_fit  # noqa: E402
 from defectflow.tasks.fusion.stacking import fit_stacker, score_columns, score_frame  # noqa: E402
 from defectflow.tasks.params import FusionParams, load_params  # noqa: E402
 from defectflow.tasks.steps import score_step, train_step  # noqa: E402
@@ -137,7 +137,7 @@ def run_variants(data, params, variants, seeds):
         if name.startswith("auto"):  # auto[-own][-tolX]
             forest_columns = list(paper.columns) + (score_columns(detectors)
                                                      if "-own" in name else [])
-            tolerance = float(name.split("-tol")[1]) if "-tol" in name else 0.0
+            tolerance = float(name.split("-tol")[1]) if "-tol" in name else DEFAULT_TOLERANCE
             fitted = choose_and_fit(both.loc[train], y, dict(zip(detectors,
                                                                 score_columns(detectors))),
                                     forest_columns, kind=kind, seed=split.seed, n_jobs=jobs,

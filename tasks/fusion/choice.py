@@ -1,15 +1,15 @@
 """The fusion that chooses without test labels (``fusion.setting: auto``).
 
 On its own training split only (held-out goods plus the seed's labelled or synthetic
-defects), stratified k-fold cross-validation scores three kinds of candidate by their
-mean per-fold AUROC:
+defects), stratified k-fold cross-validation scores three kinds of candidate by the AUROC of
+their out-of-fold scores:
 
 - ``"forest"``: SegAD's boosted forest on the segment features;
 - ``"stacker"``: logistic regression on the detectors' goods-standardized image scores;
 - each detector alone (its own image score; nothing to fit, so its folds' AUROC is just
   its ranking of the held-out fold).
 
-The best mean wins; within ``tolerance`` of it the simplest candidate is kept (a detector
+The best wins; within ``tolerance`` of it the simplest candidate is kept (a detector
 before the stacker before the forest): with ~20 labelled defects a fold holds ~4, and a
 gain smaller than the folds' noise is no reason to trust more parameters. The chosen
 candidate is then refitted on the whole training split. Which one, and why, is recorded
@@ -31,6 +31,8 @@ from .stacking import Stacker, fit_stacker
 FOREST = "forest"
 STACKER = "stacker"
 DEFAULT_FOLDS = 5
+# Within this much of the best cross-validated AUROC, the simpler candidate is kept.
+DEFAULT_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,10 @@ def _candidates(detector_columns: Mapping[str, str], forest_columns: Sequence[st
 def cross_validated_auroc(frame: pd.DataFrame, labels: np.ndarray,
                           candidates: Mapping[str, Callable], seed: int,
                           folds: int = DEFAULT_FOLDS) -> dict[str, float]:
-    """Mean per-fold AUROC of each candidate, on the same stratified folds (seeded)."""
+    """Each candidate's AUROC of its pooled out-of-fold scores, on the same stratified folds
+    (seeded). Pooled rather than per fold: a fold holds ~4 defects, the pool all of them (a
+    detector alone then gets exactly its training-split AUROC), and a candidate whose
+    scale drifts between folds pays for it, as it would on new images."""
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold
 
@@ -98,34 +103,38 @@ def cross_validated_auroc(frame: pd.DataFrame, labels: np.ndarray,
                               f"training images (got {int((labels == 0).sum())} good, "
                               f"{int(labels.sum())} defective)")
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    totals = dict.fromkeys(candidates, 0.0)
+    pooled = {name: np.zeros(len(labels)) for name in candidates}
     for fit_rows, held_rows in splitter.split(np.zeros(len(labels)), labels):
         fit_part, held_part = frame.iloc[fit_rows], frame.iloc[held_rows]
         for name, fit in candidates.items():
-            scores = fit(fit_part, labels[fit_rows]).score(held_part)
-            totals[name] += roc_auc_score(labels[held_rows], scores) / folds
-    return totals
+            pooled[name][held_rows] = fit(fit_part, labels[fit_rows]).score(held_part)
+    return {name: float(roc_auc_score(labels, scores)) for name, scores in pooled.items()}
 
 
 def choose_and_fit(frame: pd.DataFrame, labels: np.ndarray, detector_columns: Mapping[str, str],
                    forest_columns: Sequence[str], kind: str = "brf", seed: int = 0,
                    n_jobs: int = 1, folds: int = DEFAULT_FOLDS,
-                   tolerance: float = 0.0) -> FittedFusion:
+                   tolerance: float = DEFAULT_TOLERANCE) -> FittedFusion:
     """Choose by cross-validation on ``frame`` (the training split only) and refit the choice.
 
     ``detector_columns``: detector name -> its image-score column; ``forest_columns``: the
     forest's features. The first candidate (simplest first) within ``tolerance`` of the best
-    mean AUROC is chosen.
+    cross-validated AUROC is chosen.
     """
     labels = np.asarray(labels).astype(int)
     candidates = _candidates(detector_columns, forest_columns, kind, seed, n_jobs)
     cv = cross_validated_auroc(frame, labels, candidates, seed, folds)
     best_name = max(cv, key=lambda name: cv[name])
-    chosen = next(name for name in candidates if cv[name] >= cv[best_name] - tolerance)
+    # The simplest kind (a detector, the stacker, the forest) with a candidate within
+    # ``tolerance`` of the best; the best of that kind.
+    tiers = [[n for n in cv if n not in (STACKER, FOREST)], [STACKER], [FOREST]]
+    chosen = next(max(tier, key=lambda name: cv[name]) for tier in tiers
+                  if any(cv[name] >= cv[best_name] - tolerance for name in tier))
     ranked = ", ".join(f"{name} {value:.3f}" for name, value in
                        sorted(cv.items(), key=lambda item: -item[1]))
     reason = (f"highest {folds}-fold CV AUROC on the training split" if chosen == best_name
-              else f"simplest within {tolerance:g} of the best ({best_name})") + f": {ranked}"
+              else f"simplest within {tolerance:g} of the best {folds}-fold CV AUROC on the "
+                   f"training split ({best_name})") + f": {ranked}"
     fitted = candidates[chosen](frame, labels)
     choice = Choice(chosen, {k: round(float(v), 6) for k, v in cv.items()}, reason)
     return FittedFusion(choice, fitted.forest_columns, fitted.forest, fitted.stacker,

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DefectflowError
-from .choice import DEFAULT_FOLDS, FOREST, Choice, FittedFusion, choose_and_fit
+from .choice import DEFAULT_FOLDS, DEFAULT_TOLERANCE, FOREST, Choice, FittedFusion, choose_and_fit
 from .forest import fit_classifier
 
 
@@ -157,7 +157,7 @@ class ChoiceSettings:
     detector_columns: tuple[tuple[str, str], ...]
     forest_columns: tuple[str, ...]
     folds: int = DEFAULT_FOLDS
-    tolerance: float = 0.0
+    tolerance: float = DEFAULT_TOLERANCE
 
 
 @dataclass
