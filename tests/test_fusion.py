@@ -489,3 +489,35 @@ def test_auto_fusion_keeps_the_forest_where_a_segment_carries_the_signal():
                           choice=ChoiceSettings(tuple(zip(detectors, own)), tuple(frame.columns)))
     assert (result.per_seed["choice"] == "forest").all()
     assert result.summary["image_auroc_mean"] > result.summary["noisy.score_auroc_mean"] + 0.15
+
+
+@pytest.mark.parametrize("chosen", ["stacker", "informative"])
+def test_served_fusion_scores_as_the_protocol_fitted_it(chosen, tmp_path):
+    # The auto setting may serve the stacker or one detector: fusion.json alone must give
+    # the scores the protocol's fitted fusion gave.
+    from defectflow.tasks.fusion import FittedFusion, Choice, fit_stacker
+    from defectflow.tasks.fusion.deploy import (FUSION_CONFIG_NAME, FusionConfig,
+                                                write_deployable_fusion)
+
+    ids, labels, _ = _manifest(n_train=0, n_val=20, n_test_good=10, n_test_bad=10)
+    labels = pd.Series(labels, index=ids)
+    detectors = ["informative", "noise_a", "noise_b", "noise_c"]
+    maps, scores, segments = _one_informative_detector(len(ids), labels.to_numpy() == 1,
+                                                       np.random.default_rng(4))
+    frame = feature_frame(maps, segments, ids, detectors).join(
+        score_frame(scores, ids, detectors))
+    train = ids[:20] + ids[-5:]
+    if chosen == "stacker":
+        fitted = FittedFusion(Choice("stacker", reason="test"), stacker=fit_stacker(
+            frame.loc[train], labels.loc[train].to_numpy(), score_columns(detectors)))
+    else:
+        fitted = FittedFusion(Choice(chosen, reason="test"),
+                              score_column=score_columns([chosen])[0])
+    write_deployable_fusion(tmp_path, fitted, frame, labels, train, 0, maps, ids, segments,
+                            detectors, "product")
+    config = FusionConfig.load(tmp_path / FUSION_CONFIG_NAME)
+    assert config.model == chosen and not (tmp_path / "forest.json").exists()
+    np.testing.assert_allclose(config.fitted().score(frame), fitted.score(frame))
+    if chosen != "stacker":  # the detectors' own rule: a quantile of the training goods
+        assert config.threshold == pytest.approx(
+            np.quantile(frame.loc[ids[:20], "informative.score"], 0.99))
