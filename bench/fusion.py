@@ -134,9 +134,9 @@ def run_variants(data, params, variants, seeds):
         if name == "best-train":
             best = max(detectors, key=lambda d: train_auroc(own, labels, train, f"{d}.score"))
             return own.loc[evaluate, f"{best}.score"].to_numpy(), best
-        if name.startswith("auto"):  # auto[-own][-tolX]
+        if name.startswith("auto"):  # auto[-noown][-tolX]; "auto" is the pipeline's default
             forest_columns = list(paper.columns) + (score_columns(detectors)
-                                                     if "-own" in name else [])
+                                                     if "-noown" not in name else [])
             tolerance = float(name.split("-tol")[1]) if "-tol" in name else DEFAULT_TOLERANCE
             fitted = choose_and_fit(both.loc[train], y, dict(zip(detectors,
                                                                 score_columns(detectors))),
