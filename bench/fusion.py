@@ -189,11 +189,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--variants", default="paper,auto")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--categories", default=None)
+    parser.add_argument("--methods", default=None, help="only these detectors (comma-separated)")
     args = parser.parse_args(argv)
     import yaml
 
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     params = load_params(args.params, overrides)
+    if args.methods:
+        params = params.model_copy(update={"methods": {
+            m: p for m, p in params.methods.items() if m in args.methods.split(",")}})
     seeds = range(params.fusion.seed, params.fusion.seed + (args.seeds or params.fusion.seeds))
     variants = args.variants.split(",")
     scanned, patches, cache = prepare_without_prefect(params)

@@ -9,10 +9,13 @@ their out-of-fold scores:
 - each detector alone (its own image score; nothing to fit, so its folds' AUROC is just
   its ranking of the held-out fold).
 
-The best wins; within ``tolerance`` of it the simplest candidate is kept (a detector
-before the stacker before the forest): with ~20 labelled defects a fold holds ~4, and a
-gain smaller than the folds' noise is no reason to trust more parameters. The chosen
-candidate is then refitted on the whole training split. Which one, and why, is recorded
+The stacker is kept unless the forest beats it by more than ``tolerance``. The detectors
+alone are cross-validated too, for the record, but never chosen: with ~20 labelled
+defects the training split's AUROC has a standard error of ~0.03, and picking the detector
+that scores best on it measured worse than the stacker on all three data sets
+(bench/fusion.py; on Magnetic Tile it picked PatchCore instead of PaDiM on some seeds),
+while the regularized stacker, which leaves out detectors no better than chance, weighs
+the strong detectors together and beat every detector alone. The chosen candidate is then refitted on the whole training split. Which one, and why, is recorded
 per seed (``Choice``).
 """
 
@@ -31,8 +34,8 @@ from .stacking import Stacker, fit_stacker
 FOREST = "forest"
 STACKER = "stacker"
 DEFAULT_FOLDS = 5
-# Within this much of the best cross-validated AUROC, the simpler candidate is kept.
-DEFAULT_TOLERANCE = 0.01
+# The forest replaces the stacker only when its cross-validated AUROC is this much higher.
+DEFAULT_TOLERANCE = 0.02
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ class FittedFusion:
 
 def _candidates(detector_columns: Mapping[str, str], forest_columns: Sequence[str], kind: str,
                 seed: int, n_jobs: int) -> dict[str, Callable]:
-    """name -> fit(frame, labels) -> FittedFusion, simplest first."""
+    """name -> fit(frame, labels) -> FittedFusion."""
     def single(name: str, column: str):
         return lambda frame, y: FittedFusion(Choice(name), score_column=column)
 
@@ -118,23 +121,20 @@ def choose_and_fit(frame: pd.DataFrame, labels: np.ndarray, detector_columns: Ma
     """Choose by cross-validation on ``frame`` (the training split only) and refit the choice.
 
     ``detector_columns``: detector name -> its image-score column; ``forest_columns``: the
-    forest's features. The first candidate (simplest first) within ``tolerance`` of the best
-    cross-validated AUROC is chosen.
+    forest's features. The stacker is chosen unless the forest's cross-validated AUROC is
+    more than ``tolerance`` higher.
     """
     labels = np.asarray(labels).astype(int)
     candidates = _candidates(detector_columns, forest_columns, kind, seed, n_jobs)
     cv = cross_validated_auroc(frame, labels, candidates, seed, folds)
-    best_name = max(cv, key=lambda name: cv[name])
-    # The simplest kind (a detector, the stacker, the forest) with a candidate within
-    # ``tolerance`` of the best; the best of that kind.
-    tiers = [[n for n in cv if n not in (STACKER, FOREST)], [STACKER], [FOREST]]
-    chosen = next(max(tier, key=lambda name: cv[name]) for tier in tiers
-                  if any(cv[name] >= cv[best_name] - tolerance for name in tier))
+    # The stacker unless the forest beats it by more than ``tolerance``; the detectors alone
+    # are scored for the record only (see the module docstring).
+    chosen = FOREST if STACKER not in cv or cv[FOREST] > cv[STACKER] + tolerance else STACKER
     ranked = ", ".join(f"{name} {value:.3f}" for name, value in
                        sorted(cv.items(), key=lambda item: -item[1]))
-    reason = (f"highest {folds}-fold CV AUROC on the training split" if chosen == best_name
-              else f"simplest within {tolerance:g} of the best {folds}-fold CV AUROC on the "
-                   f"training split ({best_name})") + f": {ranked}"
+    rule = ("highest" if cv[chosen] >= max(cv.values())
+            else f"the stacker unless the forest is {tolerance:g} higher in")
+    reason = f"{chosen}: {rule} {folds}-fold CV AUROC on the training split: {ranked}"
     fitted = candidates[chosen](frame, labels)
     choice = Choice(chosen, {k: round(float(v), 6) for k, v in cv.items()}, reason)
     return FittedFusion(choice, fitted.forest_columns, fitted.forest, fitted.stacker,
