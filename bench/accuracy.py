@@ -1,6 +1,6 @@
 """The fusion against its best input, side by side, on Magnetic Tile and ELPV (mono, poly).
 
-    python bench/accuracy.py [--variants auto,paper] [--magnetic-tile PATH]
+    python bench/accuracy.py [--variants auto,paper] [--magnetic-tile PATH]   (repo root)
 
 For each data set, ``bench/fusion.py`` on the detectors a `defectflow run` of
 ``params/magnetic-tile-all.yaml`` / ``params/elpv-all.yaml`` cached (run those first),
@@ -23,11 +23,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default="auto,paper")
-    parser.add_argument("--magnetic-tile", default=str(ROOT.parent / "shared/data/magnetic-tile"),
-                        help="the Magnetic Tile folder (params' relative path otherwise)")
+    parser.add_argument("--magnetic-tile", default=None,
+                        help="the Magnetic Tile folder (default: the params' dataset.path)")
     args = parser.parse_args(argv)
-    runs = [("magnetic-tile", ["params/magnetic-tile-all.yaml", "--set",
-                               f"dataset.path={args.magnetic_tile}"]),
+    where = ["--set", f"dataset.path={args.magnetic_tile}"] if args.magnetic_tile else []
+    runs = [("magnetic-tile", ["params/magnetic-tile-all.yaml", *where]),
             ("elpv", ["params/elpv-all.yaml"])]
     rows = []
     for name, command in runs:
