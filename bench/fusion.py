@@ -27,7 +27,8 @@ from _pipeline import category_features_without_prefect, prepare_without_prefect
 
 from defectflow.tasks import fusion as segad  # noqa: E402
 from defectflow.tasks.fusion.choice import DEFAULT_TOLERANCE, choose_and_fit  # noqa: E402
-from defectflow.tasks.fusion.stacking import fit_stacker, score_columns, score_frame  # noqa: E402
+from defectflow.tasks.fusion.stacking import (STACKER_C, fit_stacker, score_columns,  # noqa: E402
+                                              score_frame)
 from defectflow.tasks.params import FusionParams, load_params  # noqa: E402
 from defectflow.tasks.steps import score_step, train_step  # noqa: E402
 from defectflow.tasks.steps.fuse import fusion_segments, maps_of  # noqa: E402
@@ -124,9 +125,11 @@ def run_variants(data, params, variants, seeds):
                                                                    f"{d}.score"))[:n]
             columns = [c for c in both.columns if c.split(".")[0] in ranked]
             return forest(both, split, columns), ",".join(ranked)
-        if name == "stacker":
-            return fit_stacker(own.loc[train], y, score_columns(detectors)).decision(
-                own.loc[evaluate]), ""
+        if name.startswith("stacker"):  # stacker[-c<C>]: the default C is the pipeline's
+            c = float(name.split("-c")[1]) if "-c" in name else STACKER_C
+            fitted = fit_stacker(own.loc[train], y, score_columns(detectors), c=c)
+            return fitted.decision(own.loc[evaluate]), ",".join(
+                col.split(".")[0] for col in fitted.columns)
         if name == "zmean":
             goods = own.loc[[i for i in train if labels[i] == 0]]
             z = (own.loc[evaluate] - goods.mean()) / goods.std().clip(lower=1e-12)

@@ -28,9 +28,9 @@ from ..errors import DefectflowError
 SCORE_SUFFIX = ".score"
 # A detector whose training goods all score alike would divide by ~0: floor its spread.
 _MIN_STD = 1e-12
-# The stacker's inverse L2 strength. Measured on Magnetic Tile's 10 seeds
-# (bench/fusion.py): C=1 0.936 ± 0.012, C=0.1 0.942 ± 0.005, C=0.01 0.944 ± 0.002
-# (PaDiM alone 0.943): with ~20 defects, weak regularization chases their noise.
+# The stacker's inverse L2 strength: with ~20 defects, weak regularization chases their
+# noise (Magnetic Tile, 10 seeds, `bench/fusion.py --variants stacker-c1,stacker-c0.1,stacker`:
+# see the README's fusion measurements).
 STACKER_C = 0.01
 _Z_99 = 2.326  # one-sided normal quantile of p = 0.01
 
