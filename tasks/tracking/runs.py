@@ -156,6 +156,7 @@ def _fusion_row(tracked: TrackedRun) -> ComparisonRow:
     return ComparisonRow(tracked.result.category, FUSION_METHOD, tracked.run_id, {
         "image_auroc": metrics.get("image_auroc"),
         "image_auroc_std": metrics.get("image_auroc_std"),
+        "image_aupr": metrics.get("image_aupr"),
         "fusion": f"{metrics.get('mode')}, {metrics.get('setting')}: {metrics.get('choices')}",
         **{f"{k.split('.')[0]} alone": v for k, v in sorted(metrics.items())
            if k.endswith(".score_auroc")}})
