@@ -27,9 +27,12 @@ from .detect import score_into
 def fusion_step(method_scores: dict[str, Ref], manifest: Ref, category: str,
                 fusion: FusionParams, cache_dir: str, models: dict[str, Ref] | None = None,
                 features: FeatureSettings | None = None, stats: dict | None = None) -> Ref:
-    """SegAD: per-segment statistics of every detector's anomaly maps, a boosted random forest,
-    over ``fusion.seeds`` seeds. Writes per_seed.csv, scores.csv and summary.json, and the
-    forest to serve (the first seed's) with forest.json, segments.npy and fusion.json.
+    """SegAD: per-segment statistics of every detector's anomaly maps and their own image
+    scores, fused per seed over ``fusion.seeds`` seeds (``fusion.setting``: ``paper``, SegAD's
+    boosted forest; ``auto``, the stacker or the forest as cross-validation on the training
+    split chooses). Writes per_seed.csv (with each seed's choice), scores.csv and
+    summary.json, and the fusion to serve (the first seed's) with segments.npy, fusion.json
+    and, for a forest, forest.json.
 
     ``fusion.mode``:
 
