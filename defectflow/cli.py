@@ -71,15 +71,12 @@ def print_summary(summary: PipelineSummary) -> None:
                            titles=COLUMN_TITLES))
         print(THRESHOLD_NOTE)
     if fused:
-        print("\nSegAD fusion: image AUROC, mean ± std over seeds, on the images the fusion did "
-              "not train on\n(<detector> alone: its anomaly-map maximum alone, on the same "
-              "images)")
-        rows = [{"category": r.category, "method": r.method,
-                 "image_auroc": r.metrics["image_auroc"],
-                 "image_auroc_std": r.metrics.get("image_auroc_std"),
-                 **{f"{k.split('.')[0]} alone": v for k, v in sorted(r.metrics.items())
-                    if k.endswith("image_score_auroc_mean")}} for r in fused]
-        print(format_table(comparison_table(rows), digits=4, titles=COLUMN_TITLES))
+        print("\nSegAD fusion: image AUROC, mean ± std over seeds (as its MLflow run and "
+              "comparison.csv), on the images the fusion did not train on\n(<detector> alone: "
+              "the detector's own image score on the same images; fusion: mode, setting: what "
+              "the seeds chose)")
+        print(format_table(comparison_table([r.row() for r in fused]), digits=4,
+                           titles=COLUMN_TITLES))
     print(f"\nMLflow: experiment {summary.experiment!r}, run {summary.parent_run_id}"
           f"{'  (every step cached)' if summary.all_steps_cached else ''}")
     if summary.ui_hint:

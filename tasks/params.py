@@ -87,6 +87,12 @@ class FusionParams(_Strict):
     """SegAD fusion of the detectors' anomaly maps (needs two or more methods)."""
 
     enabled: bool = True
+    # auto (default): per seed, cross-validation on the fusion's own training split chooses
+    # between SegAD's forest (segment features + the detectors' own image scores), a
+    # logistic-regression stacker of the detectors' image scores and the best detector alone;
+    # paper: SegAD's appendix A.1 forest on the segment features and map maxima, as published.
+    setting: Literal["auto", "paper"] = "auto"
+    cv_folds: int = Field(5, ge=2)  # auto: stratified folds of the choice's cross-validation
     # supervised: trains on a few labelled defective test images (SegAD's protocol);
     # one_class: on synthetic defects pasted on held-out good images (appendix A.2).
     mode: Literal["supervised", "one_class"] = "supervised"

@@ -13,6 +13,7 @@ from scipy.stats import kurtosis, skew
 from defectflow.tasks.errors import DefectflowError
 from defectflow.tasks.fusion import (
     DEFECT_KINDS,
+    ChoiceSettings,
     FusionSplit,
     assert_no_leakage,
     count_segments,
@@ -25,6 +26,8 @@ from defectflow.tasks.fusion import (
     mask_segments,
     one_class_split,
     run_protocol,
+    score_columns,
+    score_frame,
     segment_features,
     superpixel_segments,
     supervised_splits,
@@ -415,3 +418,106 @@ def test_synthetic_defects_on_flat_images_stay_visible_and_grey():
     assert (defect == defect[..., :1]).all()                         # grey stays grey
     with pytest.raises(DefectflowError, match="unknown synthetic defect"):
         synthesize_defects(flat, grid_segments(48, 4), rng, kind="scratch")
+
+
+def _one_informative_detector(n: int, bad: np.ndarray, rng: np.random.Generator):
+    """Detector "informative" scores defects higher (AUROC about 0.8) and peaks where it
+    scores; three others are pure noise, maps and scores, on scales from 0.1 to 100."""
+    size = 16
+    score = rng.normal(size=n) + 1.2 * bad
+    informative = rng.random((n, size, size)).astype(np.float32)
+    for i in range(n):
+        y, x = rng.integers(1, size - 1, size=2)
+        informative[i, y - 1:y + 2, x - 1:x + 2] += max(score[i], 0.0)
+    maps, scores = [informative], [score]
+    for scale in (0.1, 3.0, 100.0):
+        maps.append(rng.random((n, size, size)).astype(np.float32) * scale)
+        scores.append(rng.normal(size=n) * scale)
+    return maps, scores, grid_segments(size, 4)
+
+
+def test_auto_fusion_among_pure_noise_scores_at_least_as_well_as_the_one_real_detector():
+    ids, labels, splits = _manifest(n_train=0, n_val=60, n_test_good=60, n_test_bad=40)
+    labels = np.asarray(labels)
+    detectors = ["informative", "noise_a", "noise_b", "noise_c"]
+    maps, scores, segments = _one_informative_detector(len(ids), labels == 1,
+                                                       np.random.default_rng(0))
+    frame = feature_frame(maps, segments, ids, detectors).join(
+        score_frame(scores, ids, detectors))
+    own = score_columns(detectors)
+    label_of = pd.Series(labels, index=ids)
+    fusion_splits = supervised_splits(ids, labels, splits, n_defective=20, seeds=range(3))
+
+    def run(setting):
+        choice = ChoiceSettings(tuple(zip(detectors, own)),
+                                tuple(c for c in frame.columns
+                                      if setting == "auto" or c not in own))
+        return run_protocol(frame, label_of, fusion_splits, baselines=own, n_jobs=1,
+                            setting=setting, choice=choice)
+
+    auto, paper = run("auto"), run("paper")
+    alone = auto.summary["informative.score_auroc_mean"]
+    assert auto.summary["image_auroc_mean"] >= alone
+    # The noise swamps SegAD's forest trained on 20 defects: what the auto setting avoids.
+    assert paper.summary["image_auroc_mean"] < alone - 0.03
+    assert paper.summary["informative.score_auroc_mean"] == alone  # the same images
+    assert set(auto.per_seed["choice"]) <= {"informative", "stacker", "forest"}
+    assert auto.per_seed["choice_reason"].str.contains("CV AUROC").all()
+    # The choice used the training split only: the same on any evaluation labels.
+    scrambled = label_of.copy()
+    evaluated = list(fusion_splits[0].eval_ids)
+    scrambled.loc[evaluated] = np.random.default_rng(1).permutation(
+        scrambled.loc[evaluated].to_numpy())
+    again = run_protocol(frame, scrambled, fusion_splits[:1], baselines=own, n_jobs=1,
+                         setting="auto", choice=ChoiceSettings(tuple(zip(detectors, own)),
+                                                               tuple(frame.columns)))
+    assert again.per_seed["choice"].iloc[0] == auto.per_seed["choice"].iloc[0]
+    assert np.array_equal(again.scores["score"], auto.scores[auto.scores["seed"] == 0]["score"])
+
+
+def test_auto_fusion_keeps_the_forest_where_a_segment_carries_the_signal():
+    ids, labels, splits = _manifest(n_train=0, n_val=60, n_test_good=60, n_test_bad=40)
+    labels = np.asarray(labels)
+    maps, segments = _segment_informative_maps(len(ids), labels == 1, np.random.default_rng(3))
+    detectors = ["noisy", "blind"]
+    frame = feature_frame(maps, segments, ids, detectors).join(
+        score_frame([m.max(axis=(1, 2)) for m in maps], ids, detectors))
+    own = score_columns(detectors)
+    result = run_protocol(frame, pd.Series(labels, index=ids),
+                          supervised_splits(ids, labels, splits, n_defective=20, seeds=range(2)),
+                          baselines=own, n_jobs=1, setting="auto",
+                          choice=ChoiceSettings(tuple(zip(detectors, own)), tuple(frame.columns)))
+    assert (result.per_seed["choice"] == "forest").all()
+    assert result.summary["image_auroc_mean"] > result.summary["noisy.score_auroc_mean"] + 0.15
+
+
+@pytest.mark.parametrize("chosen", ["stacker", "informative"])
+def test_served_fusion_scores_as_the_protocol_fitted_it(chosen, tmp_path):
+    # The auto setting may serve the stacker or one detector: fusion.json alone must give
+    # the scores the protocol's fitted fusion gave.
+    from defectflow.tasks.fusion import FittedFusion, Choice, fit_stacker
+    from defectflow.tasks.fusion.deploy import (FUSION_CONFIG_NAME, FusionConfig,
+                                                write_deployable_fusion)
+
+    ids, labels, _ = _manifest(n_train=0, n_val=20, n_test_good=10, n_test_bad=10)
+    labels = pd.Series(labels, index=ids)
+    detectors = ["informative", "noise_a", "noise_b", "noise_c"]
+    maps, scores, segments = _one_informative_detector(len(ids), labels.to_numpy() == 1,
+                                                       np.random.default_rng(4))
+    frame = feature_frame(maps, segments, ids, detectors).join(
+        score_frame(scores, ids, detectors))
+    train = ids[:20] + ids[-5:]
+    if chosen == "stacker":
+        fitted = FittedFusion(Choice("stacker", reason="test"), stacker=fit_stacker(
+            frame.loc[train], labels.loc[train].to_numpy(), score_columns(detectors)))
+    else:
+        fitted = FittedFusion(Choice(chosen, reason="test"),
+                              score_column=score_columns([chosen])[0])
+    write_deployable_fusion(tmp_path, fitted, frame, labels, train, 0, maps, ids, segments,
+                            detectors, "product")
+    config = FusionConfig.load(tmp_path / FUSION_CONFIG_NAME)
+    assert config.model == chosen and not (tmp_path / "forest.json").exists()
+    np.testing.assert_allclose(config.fitted().score(frame), fitted.score(frame))
+    if chosen != "stacker":  # the detectors' own rule: a quantile of the training goods
+        assert config.threshold == pytest.approx(
+            np.quantile(frame.loc[ids[:20], "informative.score"], 0.99))

@@ -168,3 +168,11 @@ def test_loco_flow_end_to_end_with_one_class_fusion_and_plots(tmp_path, capsys):
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots/box")}
     assert plots == {"plots/box/curves.png", "plots/box/defect_types.png",
                      "plots/box/tsne.png", "plots/box/overlays.png"}
+    # The one-class fusion is a row of the same comparison, with the figure its run logs.
+    import pandas as pd
+
+    comparison = pd.read_csv(client.download_artifacts(parent.info.run_id, "comparison.csv",
+                                                       str(tmp_path)))
+    row = comparison[comparison["method"] == "segad_fusion"].iloc[0]
+    assert row["fusion"].startswith("one_class, auto: ")
+    assert row["image_auroc"] == pytest.approx(fusion.data.metrics["image_auroc"])

@@ -18,6 +18,7 @@ from defectflow.tasks import steps
 from defectflow.tasks.cache import Ref
 from defectflow.tasks.errors import DefectflowError
 from defectflow.tasks.feature_settings import FeatureSettings
+from defectflow.tasks.fusion.deploy import FUSION_CONFIG_NAME, FusionConfig
 from defectflow.tasks.methods import PaDiM, PatchCore
 from defectflow.tasks.params import DatasetParams, FusionParams
 from defectflow.tasks.steps.fuse import maps_of
@@ -164,27 +165,45 @@ def test_synthetic_defects_are_seeded_and_need_held_out_images(scored, tmp_path)
 
 
 def test_supervised_mode_results_are_the_protocol_as_before(scored):
-    # The supervised fusion is exactly SegAD's protocol on the detectors' maps.
+    # The paper setting is exactly SegAD's protocol on the detectors' maps; the auto setting
+    # runs the same splits and says per seed which fusion it chose and why.
     s = scored
-    fusion = fusion_params()
-    ref = steps.fusion_step(s["scores"], s["manifest"], "product", fusion, s["cache"],
-                            models=s["models"], features=s["features"], stats=s["stats"])
-    per_seed = pd.read_csv(Path(ref.path) / "per_seed.csv")
     manifest = s["manifest"].table().set_index("image_id")
     tables = {m: pd.read_parquet(Path(r.path) / "scores.parquet") for m, r in s["scores"].items()}
     ids = sorted(set.intersection(*(set(t["image_id"]) for t in tables.values())))
     detectors = sorted(tables)
     maps = [maps_of(s["scores"][m], tables[m], ids) for m in detectors]
-    frame = segad.feature_frame(maps, segad.grid_segments(64, 4), ids, detectors)
+    paper_frame = segad.feature_frame(maps, segad.grid_segments(64, 4), ids, detectors)
+    own = segad.score_frame([tables[m].set_index("image_id").loc[ids, "score"].to_numpy()
+                             for m in detectors], ids, detectors)
     labels = manifest.loc[ids, "label"].astype(int)
     splits = segad.supervised_splits(ids, labels.tolist(), manifest.loc[ids, "split"].tolist(),
                                      n_defective=4, seeds=range(2))
-    expected = segad.run_protocol(frame, labels, splits, n_jobs=1,
-                                  baselines=[f"{d}.image_score" for d in detectors]).per_seed
-    pd.testing.assert_frame_equal(per_seed, expected, check_dtype=False)
+    expected = segad.run_protocol(paper_frame.join(own), labels, splits, n_jobs=1,
+                                  baselines=segad.score_columns(detectors),
+                                  choice=segad.ChoiceSettings((), tuple(paper_frame.columns)))
+    ref = steps.fusion_step(s["scores"], s["manifest"], "product",
+                            fusion_params(setting="paper"), s["cache"])
+    per_seed = pd.read_csv(Path(ref.path) / "per_seed.csv")
+    pd.testing.assert_frame_equal(per_seed, expected.per_seed, check_dtype=False)
+    assert (per_seed["choice"] == "forest").all()
     summary = json.loads((Path(ref.path) / "summary.json").read_text())
     assert summary["mode"] == "supervised" and "n_synthetic" not in summary
+    assert summary["setting"] == "paper" and summary["choices"] == "forest x2"
     assert (per_seed["n_train_bad"] == 4).all()
+    config = FusionConfig.load(Path(ref.path) / FUSION_CONFIG_NAME)
+    assert config.model == "forest" and config.forest_columns == tuple(paper_frame.columns)
+
+    auto = steps.fusion_step(s["scores"], s["manifest"], "product", fusion_params(), s["cache"])
+    chosen = pd.read_csv(Path(auto.path) / "per_seed.csv")
+    assert chosen["seed"].tolist() == [0, 1]
+    assert set(chosen["choice"]) <= {"forest", "stacker", *detectors}
+    assert chosen["choice_reason"].str.contains("CV AUROC on the training split").all()
+    # The seeds' evaluation images are the paper setting's: the same splits.
+    assert pd.read_csv(Path(auto.path) / "scores.csv")["image_id"].tolist() == \
+        pd.read_csv(Path(ref.path) / "scores.csv")["image_id"].tolist()
+    served = FusionConfig.load(Path(auto.path) / FUSION_CONFIG_NAME)
+    assert served.model == chosen["choice"].iloc[0] and served.choice_reason
 
 
 def test_plots_step_draws_every_method_and_embeds_images_from_the_feature_store(scored):

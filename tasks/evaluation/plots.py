@@ -6,7 +6,7 @@ state, no display needed, safe in worker threads.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -77,13 +77,16 @@ def plot_roc(labels: np.ndarray, scores: np.ndarray, path: str | Path, title: st
 def plot_curves(
     curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str,
     thresholds: dict[str, float] | None = None,
+    roc_legends: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ROC (left) and precision-recall (right) curves of several methods as one PNG.
 
     ``curves`` maps a method name to its image ``(labels, scores)``; the legends
-    carry each method's AUROC and average precision. A method whose labels hold
-    one class only is listed without a curve. ``thresholds`` (method -> its deployed
-    threshold) marks each method's operating point on both curves (circles).
+    carry each method's AUROC and average precision, or for a name in
+    ``roc_legends`` that text in the ROC legend (e.g. a mean over seeds). A method
+    whose labels hold one class only is listed without a curve. ``thresholds``
+    (method -> its deployed threshold) marks each method's operating point on both
+    curves (circles).
     """
     thresholds = thresholds or {}
     if not curves:
@@ -98,9 +101,8 @@ def plot_curves(
             roc_axes.plot([], [], " ", label=f"{name}: one class only")
             continue
         fpr, tpr, _ = roc_curve(labels, scores)
-        (line,) = roc_axes.plot(
-            fpr, tpr, lw=2, label=f"{name} (AUROC {roc_auc_score(labels, scores):.3f})"
-        )
+        legend = (roc_legends or {}).get(name, f"AUROC {roc_auc_score(labels, scores):.3f}")
+        (line,) = roc_axes.plot(fpr, tpr, lw=2, label=f"{name} ({legend})")
         precision, recall, _ = precision_recall_curve(labels, scores)
         # Steps, as average precision integrates it (no optimistic interpolation).
         pr_axes.plot(

@@ -19,21 +19,28 @@ Two ways to train the fusion:
 
 Modules, in the order of the work: ``segments`` (the id maps), ``features``
 (the per-segment statistics and their column order), ``forest`` (the
-classifier), ``protocol`` (splits and the per-seed evaluation), ``synthetic``
-(one-class defects), ``deploy`` (the one forest fitted to serve and its
-settings). Plain numpy/pandas/scikit-image/XGBoost: no Prefect, no MLflow.
+classifier), ``stacking`` and ``choice`` (the simpler fusions, and the
+default ``auto`` setting that picks one per seed by cross-validation on the
+training split), ``protocol`` (splits and the per-seed evaluation),
+``synthetic`` (one-class defects), ``deploy`` (the one fusion fitted to serve
+and its settings). Plain numpy/pandas/scikit-image/XGBoost: no Prefect, no MLflow.
 """
 
 from .features import (QUANTILE, STATISTICS, feature_frame, feature_matrix, feature_names,
                        segment_features)
 from .forest import CLASSIFIER_KINDS, fit_classifier, make_classifier, margin_scores
-from .protocol import (FusionSplit, ProtocolResult, assert_no_leakage, fit_and_score,
-                       one_class_split, run_protocol, supervised_splits)
+from .choice import FOREST, STACKER, Choice, FittedFusion, choose_and_fit
+from .protocol import (ChoiceSettings, FusionSplit, ProtocolResult, assert_no_leakage,
+                       fit_and_score, fit_fusion, one_class_split, run_protocol,
+                       supervised_splits)
+from .stacking import Stacker, fit_stacker, score_columns, score_frame
 from .segments import count_segments, grid_segments, mask_segments, superpixel_segments
 from .synthetic import DEFECT_KINDS, synthesize_defects
 
 __all__ = [
-    "CLASSIFIER_KINDS", "DEFECT_KINDS", "QUANTILE", "STATISTICS",
+    "CLASSIFIER_KINDS", "DEFECT_KINDS", "FOREST", "QUANTILE", "STACKER", "STATISTICS",
+    "Choice", "ChoiceSettings", "FittedFusion", "Stacker", "choose_and_fit", "fit_fusion",
+    "fit_stacker", "score_columns", "score_frame",
     "FusionSplit", "ProtocolResult", "assert_no_leakage", "count_segments", "feature_frame",
     "feature_matrix", "feature_names", "fit_and_score", "fit_classifier", "grid_segments",
     "make_classifier", "margin_scores", "mask_segments", "one_class_split", "run_protocol",

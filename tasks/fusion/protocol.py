@@ -4,13 +4,14 @@ seeds, or one-class with synthetic defects), and the per-seed fit-and-evaluate l
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from ..errors import DefectflowError
-from .forest import fit_classifier, margin_scores
+from .choice import DEFAULT_FOLDS, DEFAULT_TOLERANCE, FOREST, Choice, FittedFusion, choose_and_fit
+from .forest import fit_classifier
 
 
 @dataclass(frozen=True)
@@ -104,20 +105,59 @@ def assert_no_leakage(splits: Iterable[FusionSplit]) -> None:
 
 def fit_and_score(features: pd.DataFrame, labels: Mapping[str, int] | pd.Series,
                   split: FusionSplit, kind: str = "brf", n_jobs: int = 2) -> pd.Series:
-    """Fit the fusion on ``split.train_ids`` and score ``split.eval_ids`` (raw margins).
+    """SegAD's forest (the paper setting) fitted on ``split.train_ids``, scoring
+    ``split.eval_ids`` (raw margins) from every column of ``features``.
 
     ``features``: indexed by image id (``feature_frame``); ``labels``: image
     id -> 0/1. The classifier's seed is the split's seed.
+    """
+    fitted = fit_fusion(features, labels, split, kind=kind, n_jobs=n_jobs)
+    return _score(fitted, features, split)
+
+
+def fit_fusion(features: pd.DataFrame, labels: Mapping[str, int] | pd.Series,
+               split: FusionSplit, kind: str = "brf", n_jobs: int = 2,
+               setting: str = "paper", choice: ChoiceSettings | None = None) -> FittedFusion:
+    """The fusion of one split, fitted on ``split.train_ids`` only.
+
+    ``setting``: ``"paper"``, SegAD's forest on every column of ``features``; ``"auto"``,
+    ``choice.choose_and_fit`` on the training split (``choice`` names the detectors'
+    image-score columns and the forest's columns).
     """
     labels = pd.Series(labels)
     _require_ids(features.index, split.train_ids + split.eval_ids, "feature table")
     _require_ids(labels.index, split.train_ids, "labels")
     train = list(split.train_ids)
-    model = fit_classifier(features.loc[train].to_numpy(np.float32),
-                           labels.loc[train].to_numpy(), kind=kind, seed=split.seed,
-                           n_jobs=n_jobs)
-    scores = margin_scores(model, features.loc[list(split.eval_ids)].to_numpy(np.float32))
+    y = labels.loc[train].to_numpy()
+    if setting == "auto":
+        if choice is None:
+            raise DefectflowError("the auto fusion setting needs the detectors' score columns")
+        return choose_and_fit(features.loc[train], y, dict(choice.detector_columns),
+                              list(choice.forest_columns), kind=kind, seed=split.seed,
+                              n_jobs=n_jobs, folds=choice.folds, tolerance=choice.tolerance)
+    if setting != "paper":
+        raise DefectflowError(f"unknown fusion setting {setting!r} (use 'paper' or 'auto')")
+    columns = [c for c in features.columns if choice is None or c in choice.forest_columns]
+    model = fit_classifier(features.loc[train, columns].to_numpy(np.float32), y, kind=kind,
+                           seed=split.seed, n_jobs=n_jobs)
+    return FittedFusion(Choice(FOREST, reason="paper setting: SegAD's forest"),
+                        forest_columns=tuple(columns), forest=model)
+
+
+def _score(fitted: FittedFusion, features: pd.DataFrame, split: FusionSplit) -> pd.Series:
+    scores = fitted.score(features.loc[list(split.eval_ids)])
     return pd.Series(scores, index=pd.Index(split.eval_ids, name="image_id"), name="score")
+
+
+@dataclass(frozen=True)
+class ChoiceSettings:
+    """What the auto setting chooses from: detector name -> its image-score column, the
+    forest's feature columns, the folds of its cross-validation and its tolerance."""
+
+    detector_columns: tuple[tuple[str, str], ...]
+    forest_columns: tuple[str, ...]
+    folds: int = DEFAULT_FOLDS
+    tolerance: float = DEFAULT_TOLERANCE
 
 
 @dataclass
@@ -126,12 +166,14 @@ class ProtocolResult:
 
     per_seed: pd.DataFrame   # seed, image_auroc, image_aupr, n_train_good, n_train_bad, n_eval
     scores: pd.DataFrame     # seed, image_id, label, score
+    fitted: list[FittedFusion] = field(default_factory=list)  # per split, in order
 
     @property
     def summary(self) -> dict[str, float]:
         """Mean and standard deviation (ddof=1; NaN for one seed) of each metric column."""
         metrics = [c for c in self.per_seed.columns
-                   if c not in ("seed", "n_train_good", "n_train_bad", "n_eval")]
+                   if c not in ("seed", "n_train_good", "n_train_bad", "n_eval")
+                   and pd.api.types.is_numeric_dtype(self.per_seed[c])]
         out = {}
         for column in metrics:
             values = self.per_seed[column].astype(float)
@@ -142,8 +184,10 @@ class ProtocolResult:
 
 def run_protocol(features: pd.DataFrame, labels: Mapping[str, int] | pd.Series,
                  splits: Sequence[FusionSplit], kind: str = "brf",
-                 baselines: Sequence[str] = (), n_jobs: int = 2) -> ProtocolResult:
-    """Fit and evaluate the fusion once per split (seed).
+                 baselines: Sequence[str] = (), n_jobs: int = 2, setting: str = "paper",
+                 choice: ChoiceSettings | None = None) -> ProtocolResult:
+    """Fit and evaluate the fusion once per split (seed) (``fit_fusion``: ``setting`` and
+    ``choice``). The per-seed table says which fusion each seed used (``choice``) and why.
 
     ``baselines``: feature columns (e.g. ``"patchcore.image_score"``) whose raw
     values are evaluated on the same images, as ``"<column>_auroc"`` and
@@ -165,9 +209,11 @@ def run_protocol(features: pd.DataFrame, labels: Mapping[str, int] | pd.Series,
             return float("nan"), float("nan")
         return float(roc_auc_score(y, s)), float(average_precision_score(y, s))
 
-    rows, score_tables = [], []
+    rows, score_tables, fitted_all = [], [], []
     for split in splits:
-        scores = fit_and_score(features, labels, split, kind=kind, n_jobs=n_jobs)
+        fitted = fit_fusion(features, labels, split, kind=kind, n_jobs=n_jobs,
+                            setting=setting, choice=choice)
+        scores = _score(fitted, features, split)
         _require_ids(labels.index, split.eval_ids, "labels")
         y_eval = labels.loc[list(split.eval_ids)].to_numpy().astype(int)
         y_train = labels.loc[list(split.train_ids)].to_numpy().astype(int)
@@ -178,10 +224,13 @@ def run_protocol(features: pd.DataFrame, labels: Mapping[str, int] | pd.Series,
         for column in baselines:
             base = features.loc[list(split.eval_ids), column].to_numpy(np.float64)
             row[f"{column}_auroc"], row[f"{column}_aupr"] = metrics(y_eval, base)
+        row["choice"], row["choice_reason"] = fitted.choice.chosen, fitted.choice.reason
         rows.append(row)
+        fitted_all.append(fitted)
         score_tables.append(pd.DataFrame({"seed": split.seed, "image_id": list(split.eval_ids),
                                           "label": y_eval, "score": scores.to_numpy()}))
-    return ProtocolResult(pd.DataFrame(rows), pd.concat(score_tables, ignore_index=True))
+    return ProtocolResult(pd.DataFrame(rows), pd.concat(score_tables, ignore_index=True),
+                          fitted_all)
 
 
 def _require_ids(index: pd.Index, ids: Sequence[str], what: str) -> None:

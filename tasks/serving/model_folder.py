@@ -35,7 +35,8 @@ def write_fusion_model_folder(folder: str | Path, fusion_dir: str | Path,
         raise DefectflowError(f"the fusion needs detectors {missing} to be packed", fusion_dir)
     (folder / "fusion").mkdir(parents=True, exist_ok=True)
     for name in (FOREST_NAME, SEGMENTS_NAME, FUSION_CONFIG_NAME):
-        shutil.copy2(fusion_dir / name, folder / "fusion" / name)
+        if name != FOREST_NAME or (fusion_dir / name).is_file():  # no forest: stacker/detector
+            shutil.copy2(fusion_dir / name, folder / "fusion" / name)
     for method in config.detectors:
         detector_dir, scoring = detectors[method]
         write_model_folder(folder / "detectors" / method, detector_dir, scoring)

@@ -185,8 +185,10 @@ def _image_map(maps: np.ndarray, windows: pd.DataFrame, width: int, height: int)
 
 class FusionScorer:
     """The SegAD fusion served: one ``ImageScorer`` per fused detector, the segment map and
-    the forest. ``score(images)`` gives the same columns as ``ImageScorer.score``: the score
-    is the forest's margin, the map ``fused_map`` resized to the image."""
+    the fusion the pipeline chose to serve (``FusionConfig.model``: the forest, the stacker
+    or one detector). ``score(images)`` gives the same columns as ``ImageScorer.score``: the
+    score is that fusion's (the forest's margin, ...), the map ``fused_map`` resized to the
+    image."""
 
     def __init__(self, folder: str | Path):
         from xgboost import XGBClassifier  # heavy: only a served fusion loads it
@@ -196,12 +198,15 @@ class FusionScorer:
         self.scorers = {m: ImageScorer.from_folder(folder / "detectors" / m)
                         for m in self.config.detectors}
         self.segments = np.load(folder / "fusion" / SEGMENTS_NAME)
-        self.forest = XGBClassifier(n_jobs=1)  # one thread: serving shares the CPU
-        try:
-            self.forest.load_model(str(folder / "fusion" / FOREST_NAME))
-        except Exception as exc:  # xgboost raises its own XGBoostError
-            raise DefectflowError(f"cannot load the fusion forest ({exc})",
-                                  folder / "fusion" / FOREST_NAME) from None
+        forest = None
+        if self.config.model == segad.FOREST:  # else the stacker or one detector: no forest
+            forest = XGBClassifier(n_jobs=1)  # one thread: serving shares the CPU
+            try:
+                forest.load_model(str(folder / "fusion" / FOREST_NAME))
+            except Exception as exc:  # xgboost raises its own XGBoostError
+                raise DefectflowError(f"cannot load the fusion forest ({exc})",
+                                      folder / "fusion" / FOREST_NAME) from None
+        self.fusion = self.config.fitted(forest)
         for method, scorer in self.scorers.items():
             if scorer.config.patch_size is not None or \
                     scorer.config.features.input_size != self.config.map_size:
@@ -218,16 +223,22 @@ class FusionScorer:
             paths, names = materialize_images(images, Path(tmp))
             if not paths:
                 return verdict_frame([], [], self.config.threshold, [])
-            maps, manifest = [], None
+            maps, own, manifest = [], [], None
             for method in self.config.detectors:
                 # One work folder: detectors with the same feature settings share the store.
-                manifest, windows, _, patch_maps = self.scorers[method].score_windows(
-                    paths, Path(tmp))
+                manifest, windows, patch_scores, patch_maps = \
+                    self.scorers[method].score_windows(paths, Path(tmp))
                 # Whole images: one window per image; put them in the manifest's order.
                 row_of = {image_id: row for row, image_id in enumerate(windows["image_id"])}
-                maps.append(patch_maps[[row_of[i] for i in manifest["image_id"]]])
-        features = segad.feature_matrix(maps, self.segments, k=self.config.n_segments)
-        scores = segad.margin_scores(self.forest, features)
+                rows = [row_of[i] for i in manifest["image_id"]]
+                maps.append(patch_maps[rows])
+                own.append(np.asarray(patch_scores)[rows])
+        ids = manifest["image_id"].tolist()
+        frame = pd.concat([segad.feature_frame(maps, self.segments, ids,
+                                               list(self.config.detectors),
+                                               k=self.config.n_segments),
+                           segad.score_frame(own, ids, list(self.config.detectors))], axis=1)
+        scores = self.fusion.score(frame)
         fused = fused_map(maps, self.config)
         sizes = manifest[["width", "height"]].to_numpy()
         image_maps = [cv2.resize(m, (int(w), int(h)), interpolation=cv2.INTER_LINEAR)

@@ -27,9 +27,12 @@ from .detect import score_into
 def fusion_step(method_scores: dict[str, Ref], manifest: Ref, category: str,
                 fusion: FusionParams, cache_dir: str, models: dict[str, Ref] | None = None,
                 features: FeatureSettings | None = None, stats: dict | None = None) -> Ref:
-    """SegAD: per-segment statistics of every detector's anomaly maps, a boosted random forest,
-    over ``fusion.seeds`` seeds. Writes per_seed.csv, scores.csv and summary.json, and the
-    forest to serve (the first seed's) with forest.json, segments.npy and fusion.json.
+    """SegAD: per-segment statistics of every detector's anomaly maps and their own image
+    scores, fused per seed over ``fusion.seeds`` seeds (``fusion.setting``: ``paper``, SegAD's
+    boosted forest; ``auto``, the stacker or the forest as cross-validation on the training
+    split chooses). Writes per_seed.csv (with each seed's choice), scores.csv and
+    summary.json, and the fusion to serve (the first seed's) with segments.npy, fusion.json
+    and, for a forest, forest.json.
 
     ``fusion.mode``:
 
@@ -79,7 +82,9 @@ def _fuse_into(folder: Path, method_scores: dict[str, Ref], manifest: Ref, categ
     maps = [maps_of(method_scores[m], tables[m], common) for m in detectors]
     size = maps[0].shape[-1]
     segments = fusion_segments(fusion, man, category, size)
-    features_table = segad.feature_frame(maps, segments, common, detectors)
+    # SegAD's segment features, then each detector's own image score ("<d>.score").
+    features_table = _with_own_scores(segad.feature_frame(maps, segments, common, detectors),
+                                      tables, common, detectors)
     labels = man.loc[common, "label"].astype(int)
     seeds = range(fusion.seed, fusion.seed + fusion.seeds)
     n_synthetic = 0
@@ -89,13 +94,15 @@ def _fuse_into(folder: Path, method_scores: dict[str, Ref], manifest: Ref, categ
                                    fusion.synthetic_per_image, cache_dir)
         synthetic_table = pd.read_parquet(Path(synthetic.path) / "manifest.parquet")
         synthetic_ids = synthetic_table["image_id"].tolist()
-        synthetic_maps = [maps_of(ref, pd.read_parquet(Path(ref.path) / "scores.parquet"),
-                                  synthetic_ids)
-                          for ref in (synthetic_scores_step(models[m], m, synthetic, category,
-                                                            features, stats, cache_dir)
-                                      for m in detectors)]
-        features_table = pd.concat([features_table, segad.feature_frame(
-            synthetic_maps, segments, synthetic_ids, detectors)])
+        synthetic_refs = [synthetic_scores_step(models[m], m, synthetic, category, features,
+                                                stats, cache_dir) for m in detectors]
+        synthetic_tables = {m: pd.read_parquet(Path(ref.path) / "scores.parquet")
+                            for m, ref in zip(detectors, synthetic_refs)}
+        synthetic_maps = [maps_of(ref, synthetic_tables[m], synthetic_ids)
+                          for m, ref in zip(detectors, synthetic_refs)]
+        features_table = pd.concat([features_table, _with_own_scores(segad.feature_frame(
+            synthetic_maps, segments, synthetic_ids, detectors), synthetic_tables,
+            synthetic_ids, detectors)])
         labels = pd.concat([labels, pd.Series(1, index=pd.Index(synthetic_ids), dtype=int)])
         by_seed = synthetic_table.groupby("seed")["image_id"].apply(list)
         splits = [segad.one_class_split(common, man.loc[common, "split"].tolist(),
@@ -106,21 +113,42 @@ def _fuse_into(folder: Path, method_scores: dict[str, Ref], manifest: Ref, categ
                                          man.loc[common, "split"].tolist(),
                                          n_defective=fusion.n_defective, seeds=seeds)
     segad.assert_no_leakage(splits)
+    own = segad.score_columns(detectors)
+    choice = segad.ChoiceSettings(
+        detector_columns=tuple(zip(detectors, own)),
+        # paper: the forest on SegAD's features only; auto: with the detectors' own scores
+        forest_columns=tuple(c for c in features_table.columns
+                             if fusion.setting == "auto" or c not in own),
+        folds=fusion.cv_folds)
     result = segad.run_protocol(features_table, labels, splits, kind=fusion.classifier,
-                                baselines=[f"{d}.image_score" for d in detectors],
-                                n_jobs=fusion.n_jobs)
+                                baselines=own, n_jobs=fusion.n_jobs, setting=fusion.setting,
+                                choice=choice)
     result.per_seed.to_csv(folder / "per_seed.csv", index=False)
     result.scores.to_csv(folder / "scores.csv", index=False)
     summary = {k_: float(v) for k_, v in result.summary.items()}
     summary.update(n_images=len(common), n_segments=segad.count_segments(segments),
-                   detectors=",".join(detectors), mode=mode)
+                   detectors=",".join(detectors), mode=mode, setting=fusion.setting,
+                   choices=choice_counts(result.per_seed["choice"]))
     if mode == "one_class":
         summary["n_synthetic"] = n_synthetic
     (folder / "summary.json").write_text(json.dumps(summary, indent=1))
-    # The one forest the registry serves: the first seed's, refitted as the protocol fitted it.
-    write_deployable_fusion(folder, features_table, labels, splits[0].train_ids,
-                            splits[0].seed, maps, common, segments, detectors,
-                            fusion.classifier, fusion.n_jobs, category)
+    # The one fusion the registry serves: the first seed's, as the protocol fitted it.
+    write_deployable_fusion(folder, result.fitted[0], features_table, labels,
+                            splits[0].train_ids, splits[0].seed, maps, common, segments,
+                            detectors, category, kind=fusion.classifier)
+
+
+def choice_counts(choices: pd.Series) -> str:
+    """Which fusion the seeds chose, most frequent first: "forest x7, stacker x3"."""
+    return ", ".join(f"{name} x{count}" for name, count in choices.value_counts().items())
+
+
+def _with_own_scores(frame: pd.DataFrame, tables: dict[str, pd.DataFrame], ids: list[str],
+                     detectors: list[str]) -> pd.DataFrame:
+    """``frame`` (indexed by image id) plus each detector's own image score of ``ids``."""
+    own = segad.score_frame([tables[m].set_index("image_id").loc[ids, "score"].to_numpy()
+                             for m in detectors], ids, detectors)
+    return pd.concat([frame, own], axis=1)
 
 
 def maps_of(scores: Ref, table: pd.DataFrame, image_ids: list[str]) -> np.ndarray:

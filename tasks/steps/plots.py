@@ -68,14 +68,24 @@ def _method_grid(path: Path, evaluations: dict[str, Ref], scores: dict[str, Ref]
 def _plot_into(folder: Path, evaluations: dict[str, Ref], man: pd.DataFrame, category: str,
                store: FeatureStoreRef, fusion: Ref | None, tsne_points: int, seed: int) -> None:
     tables = {m: pd.read_csv(Path(r.path) / "scores.csv") for m, r in sorted(evaluations.items())}
+    legends, title = {}, f"{category}: image ROC and PR"
     if fusion is not None:
         fused = pd.read_csv(Path(fusion.path) / "scores.csv")
-        tables[FUSION_METHOD] = fused[fused["seed"] == fused["seed"].min()]
+        seed = fused["seed"].min()
+        fused = fused[fused["seed"] == seed]
+        # Every curve on the fusion's first seed's evaluation images (the detectors scored
+        # them all); the fusion's legend gives its figure: the mean ± std over seeds.
+        tables = {m: t.set_index("image_id").loc[fused["image_id"]].reset_index()
+                  for m, t in tables.items()}
+        tables[FUSION_METHOD] = fused
+        summary = json.loads((Path(fusion.path) / "summary.json").read_text())
+        legends[FUSION_METHOD] = fusion_legend(summary, fused, seed)
+        title += f", all on the {len(fused)} test images the fusion's seed {seed} evaluated"
     thresholds = {m: json.loads((Path(r.path) / "metrics.json").read_text()).get("threshold")
                   for m, r in evaluations.items()}
     evaluation.plot_curves({m: (t["label"].to_numpy(), t["score"].to_numpy())
                             for m, t in tables.items()},
-                           folder / "curves.png", title=f"{category}: image ROC and PR",
+                           folder / "curves.png", title=title, roc_legends=legends,
                            thresholds={m: t for m, t in thresholds.items() if t is not None})
     rows = []
     for method, table in tables.items():
@@ -93,6 +103,18 @@ def _plot_into(folder: Path, evaluations: dict[str, Ref], man: pd.DataFrame, cat
                              folder / "tsne.png", seed=seed,
                              title=f"{category}: t-SNE of backbone features "
                                    f"({len(image_ids)} test images)")
+
+
+def fusion_legend(summary: dict, seed_scores: pd.DataFrame, seed: int) -> str:
+    """The fusion's ROC legend: its mean ± std AUROC over seeds (the number its run logs),
+    and the AUROC of the one seed whose curve is drawn."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = seed_scores["label"].to_numpy()
+    drawn = (f"{roc_auc_score(labels, seed_scores['score']):.3f}"
+             if len(set(labels)) == 2 else "-")
+    return (f"AUROC {summary['image_auroc_mean']:.3f} ± {summary['image_auroc_std']:.3f} "
+            f"over seeds; curve: seed {seed}, {drawn}")
 
 
 def image_embeddings(store: FeatureStoreRef, man: pd.DataFrame, category: str,

@@ -84,7 +84,8 @@ def rest_answer(result: pd.DataFrame, request: pd.DataFrame) -> pd.DataFrame:
 
 class FusionPyfunc(DetectorPyfunc):
     """MLflow pyfunc of one category's SegAD fusion: the same inputs and output columns as
-    ``DetectorPyfunc``; ``score`` is the forest's margin, ``anomaly_map`` the mean of the
+    ``DetectorPyfunc``; ``score`` is the served fusion's (``FusionConfig.model``: the forest's
+    margin, the stacker's or one detector's score), ``anomaly_map`` the mean of the
     detectors' maps each normalized by its held-out goods. The work is
     ``serving.scorer.FusionScorer``'s."""
 

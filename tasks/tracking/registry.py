@@ -196,8 +196,8 @@ def _promote(tracker: Tracker, registry, registered: list[RegisteredModel],
 
 def fusion_metric(metric: str, metrics: Mapping[str, object]) -> str | None:
     """The fusion's name for registry metric ``metric``: the fusion logs each per-seed metric
-    as its mean and std over seeds, so ``image_auroc`` ranks by ``image_auroc_mean``; a name
-    the fusion logs as is (e.g. ``image_auroc_mean``) is used unchanged. None: no such metric."""
+    under its own name as the mean over seeds (``image_auroc``), so that name is used as is;
+    ``<metric>_mean`` is the fallback for other metrics dicts. None: no such metric."""
     if metric in metrics:
         return metric
     return f"{metric}_mean" if f"{metric}_mean" in metrics else None

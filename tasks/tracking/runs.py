@@ -150,26 +150,35 @@ def _log_detector(tracker: Tracker, params, base_tags: dict, result: DetectorRes
 
 def _log_fusion(tracker: Tracker, params, base_tags: dict, fused: FusionResult,
                 window: tuple[float | None, float | None]) -> TrackedRun:
-    """One category's fusion child run: per-seed metrics by step, the summary's numbers and
-    the fusion's tables."""
+    """One category's fusion child run: its figures (``fusion_metrics``: ``image_auroc`` is
+    the mean over seeds, as everywhere else), tags saying which fusion each seed chose, and
+    the fusion's tables (``per_seed.csv``: one row per seed, with its choice and reason)."""
     folder = Path(fused.fusion.path)
     summary = json.loads((folder / "summary.json").read_text())
     tags = {**base_tags, "category": fused.category, "method": FUSION_METHOD,
-            "fusion_mode": summary.get("mode", "supervised")}
+            "fusion_mode": summary.get("mode", "supervised"),
+            "fusion_setting": summary.get("setting", "paper"),
+            "fusion_choice": summary.get("choices", "")}
     child = tracker.start_child(f"{fused.category}-{FUSION_METHOD}",
                                 {**flatten(params), "fusion.detectors": summary["detectors"]},
                                 tags, start_time=window[0])
-    per_seed = pd.read_csv(folder / "per_seed.csv")
-    for row in per_seed.itertuples(index=False):  # one step per seed
-        tracker.log_metrics(child, {"seed_image_auroc": row.image_auroc,
-                                    "seed_image_aupr": row.image_aupr}, step=int(row.seed))
-    tracker.log_metrics(child, _numeric(summary))
-    # The number the CLI prints and the runs table compares with the detectors' image_auroc.
-    tracker.log_metrics(child, {"image_auroc": summary.get("image_auroc_mean")})
+    metrics = fusion_metrics(summary)
+    tracker.log_metrics(child, metrics)
     for name in ("per_seed.csv", "scores.csv", "summary.json"):
         tracker.log_file(child, folder / name)
     tracker.finish(child, end_time=window[1])
-    return TrackedRun(fused, child, summary)
+    return TrackedRun(fused, child, {**metrics, "mode": tags["fusion_mode"],
+                                     "setting": tags["fusion_setting"],
+                                     "choices": tags["fusion_choice"]})
+
+
+def fusion_metrics(summary: dict) -> dict:
+    """The fusion's metrics under the detectors' names: a per-seed metric ``x`` as ``x`` (its
+    mean over seeds) and ``x_std``; each detector alone on the same images as
+    ``<detector>.score_auroc`` (its mean); counts as they are. No per-seed metric: the
+    seeds are rows of ``per_seed.csv``."""
+    return {(key[:-len("_mean")] if key.endswith("_mean") else key): value
+            for key, value in _numeric(summary).items()}
 
 
 def _numeric(values: dict) -> dict:
@@ -177,10 +186,13 @@ def _numeric(values: dict) -> dict:
 
 
 def _fusion_row(tracked: TrackedRun) -> ComparisonRow:
-    """A fusion in the comparison: its image AUROC (mean and std over seeds) and each
-    detector's anomaly-map maximum alone on the same images."""
-    numeric = _numeric(tracked.metrics)
+    """A fusion in the comparison: its image AUROC (mean and std over seeds, the numbers its
+    run logs) and each detector's own image score alone on the same images."""
+    metrics = tracked.metrics
     return ComparisonRow(tracked.result.category, FUSION_METHOD, tracked.run_id, {
-        "image_auroc": numeric.get("image_auroc_mean"),
-        "image_auroc_std": numeric.get("image_auroc_std"),
-        **{k: v for k, v in numeric.items() if k.endswith("image_score_auroc_mean")}})
+        "image_auroc": metrics.get("image_auroc"),
+        "image_auroc_std": metrics.get("image_auroc_std"),
+        "image_aupr": metrics.get("image_aupr"),
+        "fusion": f"{metrics.get('mode')}, {metrics.get('setting')}: {metrics.get('choices')}",
+        **{f"{k.split('.')[0]} alone": v for k, v in sorted(metrics.items())
+           if k.endswith(".score_auroc")}})
