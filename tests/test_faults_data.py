@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import signal
 import struct
@@ -31,8 +32,10 @@ from test_score_inbox import MODEL, registered  # noqa: F401 - registered: a fix
 
 def step_status(out: str) -> dict[str, str]:
     """Step label -> ran/cached, from the step lines a verbose run prints."""
-    rows = [line.split() for line in out.splitlines() if line.startswith("  ")]
-    return {" ".join(row[:-3]): row[-3] for row in rows if row[-3] in ("ran", "cached")}
+    # "  <label>   ran|cached   <seconds> s[  (waited <seconds> s)]"
+    found = (re.match(r"\s+(.+?)\s+(ran|cached)\s+[\d.]+ s(\s+\(waited [\d.]+ s\))?$", line)
+             for line in out.splitlines())
+    return {m.group(1): m.group(2) for m in found if m}
 
 
 def before_this_process(*paths: Path) -> None:

@@ -98,7 +98,7 @@ def test_pipeline_on_an_mlflow_server_shows_the_comparison(mlflow_server, tmp_pa
                        if line.split()[:2] == ["product", "segad_fusion"])
     printed_mean = float(fusion_line.split()[2])
     fusion = children["segad_fusion"].data.metrics
-    assert fusion["image_auroc"] == pytest.approx(fusion["image_auroc_mean"])
+    assert "image_auroc_std" in fusion and "seed_image_auroc" not in fusion
     assert round(fusion["image_auroc"], 4) == printed_mean
 
     # Real durations: the parent spans the whole run (its logged total, the printed one),
