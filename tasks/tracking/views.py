@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
 
 from ..evaluation.tables import (COLUMN_TITLES, THRESHOLD_COLUMNS, THRESHOLD_NOTE,
                                  comparison_table, markdown_table)
 from ..results import ComparisonRow
+from .store import sqlite_path
 
 # MLflow's experiment kinds (its UI's ExperimentKind enum): the classic training view.
 EXPERIMENT_KIND = "custom_model_development"
@@ -65,8 +65,9 @@ def ui_hint(uri: str, experiment_id: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"MLflow UI: {uri.rstrip('/')}/{path}"
     store = uri
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        store = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    database = sqlite_path(uri) if uri.startswith("sqlite:") else None
+    if database is not None:  # absolute: the command must work from any folder
+        store = f"sqlite:///{database.resolve()}"
     return (f"MLflow UI: mlflow ui --backend-store-uri {store} --port 5000, then open "
             f"http://127.0.0.1:5000/{path}")
 
