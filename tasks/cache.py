@@ -184,8 +184,8 @@ def allocated_memmap(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
 
 
 # -- partials of killed runs ------------------------------------------------------------
-# ``<name>.partial-<pid>`` (cached_folder, write_table) and ``.<name>.<pid>.partial``
-# (datasets.files.write_png_once).
+# ``<name>.partial-<pid>`` (every writer here), and ``.<name>.<pid>.partial``: the PNGs a
+# scan materialized before it wrote through ``written_file`` too, still found in old caches.
 _SLACK = 2.0  # seconds
 _PARTIAL_NAMES = (re.compile(r"\.partial-(\d+)$"), re.compile(r"^\..+\.(\d+)\.partial$"))
 

@@ -13,6 +13,7 @@ from typing import TypeVar
 import cv2
 import numpy as np
 
+from ..cache import written_file
 from ..errors import DefectflowError
 from ..images import IMAGE_SUFFIXES
 
@@ -103,7 +104,6 @@ def write_png_once(path: Path, image: np.ndarray) -> None:
     if not ok:
         raise DefectflowError("cannot encode image as PNG", path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename, so an interrupted run never leaves a truncated PNG behind.
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_bytes(encoded.tobytes())
-    os.replace(partial, path)
+    # Whole or not at all: an interrupted run never leaves a truncated PNG behind.
+    with written_file(path) as partial:
+        partial.write_bytes(encoded.tobytes())
