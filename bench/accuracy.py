@@ -1,55 +1,196 @@
-"""The fusion against its best input, side by side, on Magnetic Tile and ELPV (mono, poly).
+"""Every detector and feature setting on the real data sets, over seeds: one table, and JSON.
 
-    python bench/accuracy.py [--variants auto,paper] [--magnetic-tile PATH]   (repo root)
+    python bench/accuracy.py                          # all data sets, every detector, 3 seeds
+    python bench/accuracy.py --datasets magnetic-tile --detectors patchcore padim \\
+        --setting "lite0-b234: features.layers=[blocks.2,blocks.3,blocks.4]" --seeds 3
+    python bench/accuracy.py --data magnetic-tile=/path/to/magnetic-tile ...
 
-For each data set, ``bench/fusion.py`` on the detectors a `defectflow run` of
-``params/magnetic-tile-all.yaml`` / ``params/elpv-all.yaml`` cached (run those first),
-over the params' 10 seeds; then one table: every fusion variant's image AUROC (mean ± std
-over seeds) next to the best single detector's on the same images (its own image score or
-its anomaly-map maximum, whichever ranks better: "(own)" / "(max)").
+For each data set (Magnetic Tile; ELPV, whose categories are mono and poly; BSData with
+patches), each feature setting (``--setting "NAME: KEY=VALUE KEY=VALUE"``, the overrides of
+``defectflow run --set``; the params file as it is when none is given), each seed and each
+detector, the pipeline's own steps run without Prefect or MLflow: scan, patches,
+normalization and features (from the shared cache when already extracted), then train, score
+and evaluate in a scratch cache, so every fit and every scoring is timed cold.
+
+A seed draws the train/test split (``dataset.seed``) and seeds the detector (its ``seed``); no
+setting, threshold or seed is chosen on test labels. Printed: image AUROC, pixel AUROC, AUPRO
+(Magnetic Tile and BSData have masks; ELPV has none), fit seconds and scoring seconds (the
+validation and test images), each as mean ± std over the seeds. The JSON (``--json``, written
+after every measurement, so an interrupted run keeps what it measured) holds every seed's
+figures too.
+
+Method settings come from each data set's params file (the ``-all`` file where there is one),
+a method it does not list gets its defaults.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import shlex
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fusion as fusion_bench  # noqa: E402  (bench/fusion.py)
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+#: data set name -> params file (relative to the repo root); categories come from the data.
+DATASETS = {
+    "magnetic-tile": "params/magnetic-tile-all.yaml",
+    "elpv": "params/elpv-all.yaml",
+    "bsdata": "params/bsdata.yaml",
+}
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "fit_s", "score_s")
+HEADERS = ("image AUROC", "pixel AUROC", "AUPRO", "fit s", "score s")
 
 
-def main(argv=None) -> None:
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """A named feature setting: ``--set`` overrides applied to every data set's params."""
+
+    name: str
+    overrides: dict
+
+    @classmethod
+    def parse(cls, text: str) -> "Setting":
+        from defectflow.tasks.params import parse_overrides
+
+        name, _, rest = text.partition(":")  # "NAME" alone: the params as they are
+        return cls(name.strip(), parse_overrides(shlex.split(rest)))
+
+
+def measure(dataset: str, params_file: Path, setting: Setting, seed: int, detectors: list[str],
+            extra: dict, scratch: str):
+    """Yield one result row per (category, detector) of one data set, setting and seed."""
+    from _pipeline import category_features_without_prefect, prepare_without_prefect
+
+    from defectflow.tasks.params import load_params
+    from defectflow.tasks.steps import evaluate_step, score_step, train_step
+    from defectflow.tasks.steps.common import category_rows
+
+    overrides = {**setting.overrides, **extra, "dataset.seed": seed}
+    for method in detectors:
+        overrides[f"methods.{method}.seed"] = seed
+    params = load_params(params_file, overrides)
+    scanned, patches, cache = prepare_without_prefect(params)
+    manifest = scanned.manifest.table()
+    categories = sorted(manifest["category"].unique())
+    for category in categories:
+        start = time.perf_counter()
+        stats, store = category_features_without_prefect(params, scanned, patches, category, cache)
+        features_s = time.perf_counter() - start
+        n_images = category_rows(patches, category)["image_id"].nunique()
+        for method in detectors:
+            method_params = params.methods[method]
+            start = time.perf_counter()
+            model = train_step(store, patches, scanned.manifest, category, method, method_params,
+                               params.features, stats, scratch)
+            fit_s = time.perf_counter() - start
+            start = time.perf_counter()
+            scores = score_step(model, store, patches, scanned.manifest, category, method,
+                                params.features, stats, scratch)
+            score_s = time.perf_counter() - start
+            evaluation = evaluate_step(scores, scanned.manifest, category,
+                                       params.evaluation.threshold_quantile, 0, scratch, method)
+            metrics = json.loads((Path(evaluation.path) / "metrics.json").read_text())
+            row = dict(dataset=f"{dataset}/{category}" if len(categories) > 1 else dataset,
+                       setting=setting.name, detector=method, seed=seed,
+                       fit_s=fit_s, score_s=score_s, features_s=features_s, images=n_images,
+                       **{k: float(metrics.get(k, float("nan")))
+                          for k in ("image_auroc", "pixel_auroc", "aupro")})
+            print(f"  {row['dataset']} [{setting.name}] {method} seed {seed}: image AUROC "
+                  f"{row['image_auroc']:.4f}, pixel AUROC {row['pixel_auroc']:.4f}, AUPRO "
+                  f"{row['aupro']:.4f}, fit {fit_s:.1f} s, score {score_s:.1f} s", flush=True)
+            yield row
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and std over seeds of each (data set, setting, detector), in first-seen order."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["dataset"], row["setting"], row["detector"]), []).append(row)
+    summary = []
+    for (dataset, setting, detector), members in groups.items():
+        entry = dict(dataset=dataset, setting=setting, detector=detector,
+                     seeds=[m["seed"] for m in members])
+        for metric in METRICS:
+            values = np.array([m[metric] for m in members], dtype=float)
+            finite = values[np.isfinite(values)]
+            entry[metric] = ([float(finite.mean()), float(finite.std())] if len(finite)
+                             else [float("nan"), float("nan")])
+        summary.append(entry)
+    return summary
+
+
+def format_table(summary: list[dict]) -> str:
+    def cell(metric, pair):
+        mean, std = pair
+        if not np.isfinite(mean):
+            return "-"
+        return f"{mean:.1f} ± {std:.1f}" if metric.endswith("_s") else f"{mean:.4f} ± {std:.4f}"
+
+    header = ["data set", "setting", "detector", *HEADERS]
+    body = [[e["dataset"], e["setting"], e["detector"], *(cell(m, e[m]) for m in METRICS)]
+            for e in summary]
+    widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
+    lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
+             for r in [header, *body]]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", default="auto,paper")
-    parser.add_argument("--magnetic-tile", default=None,
-                        help="the Magnetic Tile folder (default: the params' dataset.path)")
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), metavar="NAME|PARAMS",
+                        help=f"{', '.join(DATASETS)}, or a params file (default: the three)")
+    parser.add_argument("--detectors", nargs="+",
+                        help="default: every detector (the fusion has its own bench)")
+    parser.add_argument("--setting", action="append", default=[], metavar='"NAME: KEY=VALUE ..."',
+                        help="a feature setting to measure (repeatable); default: the params")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--data", action="append", default=[], metavar="DATASET=PATH",
+                        help="where a data set is (default: the params file's dataset.path)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for every run, e.g. cache_dir=/tmp/cache")
+    parser.add_argument("--json", default=str(ROOT / "bench" / "out" / "accuracy.json"))
     args = parser.parse_args(argv)
-    where = ["--set", f"dataset.path={args.magnetic_tile}"] if args.magnetic_tile else []
-    runs = [("magnetic-tile", ["params/magnetic-tile-all.yaml", *where]),
-            ("elpv", ["params/elpv-all.yaml"])]
-    rows = []
-    for name, command in runs:
-        results = fusion_bench.main([str(ROOT / command[0]), *command[1:],
-                                     "--variants", args.variants])
-        for category, figures in results.items():
-            # A detector alone: its own image score, or its map maximum if that ranks better.
-            alone = {k: v for k, v in figures.items() if k.endswith((" (own)", " (max)"))}
-            best = max(alone, key=lambda d: alone[d][0])
-            rows.append((f"{name}/{category}", best, alone[best],
-                         [figures[v] for v in args.variants.split(",")]))
-    variants = args.variants.split(",")
-    print("\nimage AUROC, mean ± std over 10 seeds, each seed on the images its fusion did "
-          "not train on")
-    header = f"{'data set':<28}{'best detector alone':<34}" + "".join(
-        f"{'fusion ' + v:<20}" for v in variants)
-    print(header)
-    print("-" * len(header))
-    for where, best, (mean, std), fused in rows:
-        cells = "".join(f"{m:.4f} ± {s:.4f}{' ' * 5}" for m, s in fused)
-        print(f"{where:<28}{best + f' {mean:.4f} ± {std:.4f}':<34}{cells}")
+
+    from defectflow.tasks.methods import METHODS
+    from defectflow.tasks.params import parse_overrides
+
+    detectors = args.detectors or list(METHODS)
+    unknown = sorted(set(detectors) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown detector(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    settings = [Setting.parse(s) for s in args.setting] or [Setting("params", {})]
+    where = dict(item.split("=", 1) for item in args.data)
+    extra = parse_overrides(args.set)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    with tempfile.TemporaryDirectory(prefix="defectflow-accuracy-") as scratch:
+        for dataset in args.datasets:
+            params_file = ROOT / DATASETS[dataset] if dataset in DATASETS else Path(dataset)
+            dataset = dataset if dataset in DATASETS else params_file.stem
+            data = {"dataset.path": where[dataset]} if dataset in where else {}
+            for setting in settings:
+                for seed in range(args.seeds):
+                    for row in measure(dataset, params_file, setting, seed,
+                                       detectors, {**data, **extra}, scratch):
+                        rows.append(row)
+                        result = dict(command=" ".join(sys.argv), started=started,
+                                      summary=summarize(rows), rows=rows)
+                        out.write_text(json.dumps(result, indent=1))
+    print(f"\nmean ± std over {args.seeds} seed(s) (split and detector seeded); "
+          f"score s: the validation and test images. JSON: {out}")
+    print(format_table(summarize(rows)))
+    return result
 
 
 if __name__ == "__main__":

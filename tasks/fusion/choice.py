@@ -35,7 +35,7 @@ FOREST = "forest"
 STACKER = "stacker"
 DEFAULT_FOLDS = 5
 # The forest replaces the stacker only when its cross-validated AUROC is this much higher.
-# Measured (bench/accuracy.py, 30 seeds over three data sets): at 0.02 the forest was chosen
+# Measured (bench/fusion_table.py, 30 seeds over three data sets): at 0.02 the forest was chosen
 # on 3 seeds and lost to the stacker on all three evaluation sets (by 0.009 to 0.05); on
 # the two checked it had won the training split's CV by 0.046 and 0.057. On average over
 # the seeds the paper forest scored 0.013-0.036 below the stacker. A segment-level signal that the image
