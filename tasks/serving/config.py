@@ -15,7 +15,9 @@ from ..results import DetectorResult
 
 CONFIG_NAME = "scoring.json"
 B64_COLUMN = "image_b64"  # a DataFrame column of base64-encoded image files (REST requests)
-CONFIG_VERSION = 2  # 2: the feature settings as one nested object
+# 2: the feature settings as one nested object; 3: they may name several networks
+# (features.sources, combine, channels) whose transform lies in the detector's folder.
+CONFIG_VERSION = 3
 _FEATURE_FIELDS = ("backbone", "layers", "input_size", "batch_size", "device")
 
 
@@ -48,6 +50,9 @@ class ScoringConfig(JsonSettings):
         if data.get("version") == 1:
             features = {name: data.pop(name) for name in _FEATURE_FIELDS if name in data}
             data = {**data, "features": features, "version": 2}
+        if data.get("version") == 2:
+            # Version 2 had one backbone: its settings read as version 3's defaults.
+            data = {**data, "version": 3}
         return data
 
     @property

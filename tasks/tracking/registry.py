@@ -161,11 +161,11 @@ def register_detectors(tracker: Tracker, params, tracked: list[TrackedRun]
         model_key = text_hash(result.model.key,
                               json.dumps(dataclasses.asdict(config), sort_keys=True))
         tags = {"dataset": params.dataset_name, "category": result.category,
-                "method": result.method, "backbone": params.features.backbone,
+                "method": result.method, "backbone": params.features.label,
                 "threshold": threshold, "model_key": model_key,
                 **{f"metric.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}}
         what = (f"{result.method} detector of {params.dataset_name} / {result.category} "
-                f"({params.features.backbone})")
+                f"({params.features.label})")
         version = _register_once(
             tracker, item.run_id, name, tags,
             lambda folder: write_model_folder(folder, result.model.path, config),
@@ -233,7 +233,7 @@ def register_fusions(tracker: Tracker, params, tracked: list[TrackedRun]
         model_key = text_hash(ref.key, *(json.dumps(dataclasses.asdict(packed[m][1]),
                                                     sort_keys=True) for m in config.detectors))
         tags = {"dataset": params.dataset_name, "category": category,
-                "method": FUSION_METHOD, "backbone": params.features.backbone,
+                "method": FUSION_METHOD, "backbone": params.features.label,
                 "detectors": ",".join(config.detectors),
                 "fusion_mode": item.metrics.get("mode", "supervised"),
                 "threshold": config.threshold, "threshold_rule": config.threshold_rule,
