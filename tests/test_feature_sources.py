@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import add_defect, make_folder_dataset, textured_image
@@ -20,7 +21,7 @@ from defectflow.tasks.errors import DefectflowError
 from defectflow.tasks.feature_settings import COMBINED_LAYER, FeatureSettings
 from defectflow.tasks.feature_sources import check_sources, feature_store
 from defectflow.tasks.feature_transform import TRANSFORM_NAME, FeatureTransform
-from defectflow.tasks.methods import PaDiM, PatchCore
+from defectflow.tasks.methods import FeatureEnsemble, PaDiM, PatchCore
 from defectflow.tasks.params import DatasetParams, PipelineParams
 
 LITE0 = {"backbone": "efficientnet_lite0", "layers": ["blocks.1", "blocks.2"]}
@@ -107,17 +108,20 @@ def test_detectors_fit_and_score_on_the_combined_source_and_a_registered_model_s
 
     p = prepared
     params = PipelineParams(features=dataclasses.asdict(hetero(LITE0, LITE1, channels=12)),
-                            methods={PatchCore.name: {"coreset_ratio": 0.5}, PaDiM.name: {}})
+                            methods={PatchCore.name: {"coreset_ratio": 0.5}, PaDiM.name: {},
+                                     FeatureEnsemble.name: {"epochs": 15, "batch_size": 128}})
     features = params.features
-    assert params.methods[PaDiM.name].layers == (COMBINED_LAYER,)
+    assert {m.layers for m in params.methods.values()} == {(COMBINED_LAYER,)}
     store = _store(p, features)
+    models, tables = {}, {}
     for method, method_params in params.methods.items():
-        model = steps.train_step(store, p["patches"], p["manifest"], "product", method,
-                                 method_params, features, p["stats"], p["cache"])
-        assert (Path(model.path) / TRANSFORM_NAME).is_file()   # the transform travels with it
-        scored = steps.score_step(model, store, p["patches"], p["manifest"], "product", method,
-                                  features, p["stats"], p["cache"])
-        table = __import__("pandas").read_parquet(Path(scored.path) / "scores.parquet")
+        models[method] = steps.train_step(store, p["patches"], p["manifest"], "product", method,
+                                          method_params, features, p["stats"], p["cache"])
+        # The transform travels with the model.
+        assert (Path(models[method].path) / TRANSFORM_NAME).is_file()
+        scored = steps.score_step(models[method], store, p["patches"], p["manifest"],
+                                  "product", method, features, p["stats"], p["cache"])
+        table = tables[method] = pd.read_parquet(Path(scored.path) / "scores.parquet")
         good = table.loc[table["label"] == 0, "score"]
         bad = table.loc[table["label"] == 1, "score"]
         assert bad.mean() > good.mean(), method   # the dark blobs stand out on combined maps
@@ -125,7 +129,7 @@ def test_detectors_fit_and_score_on_the_combined_source_and_a_registered_model_s
     config = ScoringConfig(method=PaDiM.name, dataset="d", category="product", features=features,
                            mean=tuple(p["stats"]["mean"]), std=tuple(p["stats"]["std"]),
                            threshold=0.0)
-    folder = write_model_folder(tmp_path / "registered", model.path, config)
+    folder = write_model_folder(tmp_path / "registered", models[PaDiM.name].path, config)
     assert ScoringConfig.load(folder / "scoring.json").features == features
     rng = np.random.default_rng(7)
     good_image = textured_image(rng)
@@ -133,8 +137,13 @@ def test_detectors_fit_and_score_on_the_combined_source_and_a_registered_model_s
     result = ImageScorer.from_folder(folder).score([good_image, bad_image])
     assert result["score"].iloc[1] > result["score"].iloc[0]
     assert result["anomaly_map"].iloc[0].shape == (64, 64)
-    # The same images scored by the pipeline's detector on the pipeline's own combined store
-    # give the same score as the registered model: one feature source for both.
+    # A test image through the registered model scores as it did in the pipeline: the same
+    # members, the same fitted transform, the same combined features.
+    test = tables[PaDiM.name].iloc[-1]
+    path = p["manifest"].table().set_index("image_id").loc[test["image_id"], "path"]
+    again = ImageScorer.from_folder(folder).score(path)["score"].iloc[0]
+    assert again == pytest.approx(float(test["score"]), rel=1e-3)
+    # Without its transform a combined-feature model cannot score: one line says why.
     (folder / "detector" / TRANSFORM_NAME).unlink()
     with pytest.raises(DefectflowError, match="no feature transform"):
         ImageScorer.from_folder(folder).score([good_image])
