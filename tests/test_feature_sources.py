@@ -143,6 +143,10 @@ def test_detectors_fit_and_score_on_the_combined_source_and_a_registered_model_s
     path = p["manifest"].table().set_index("image_id").loc[test["image_id"], "path"]
     again = ImageScorer.from_folder(folder).score(path)["score"].iloc[0]
     assert again == pytest.approx(float(test["score"]), rel=1e-3)
+    from defectflow.tasks.serving.onnx_export import load_model_folder
+
+    with pytest.raises(DefectflowError, match="combined features .* cannot be exported"):
+        load_model_folder(folder)
     # Without its transform a combined-feature model cannot score: one line says why.
     (folder / "detector" / TRANSFORM_NAME).unlink()
     with pytest.raises(DefectflowError, match="no feature transform"):
