@@ -164,6 +164,12 @@ def test_old_scoring_settings_still_load(tmp_path):
     config = ScoringConfig.load(tmp_path / "scoring.json")
     assert config.features == FeatureSettings() and not config.features.combined
     assert config.version == 3
+    # The registry's model key reads a single backbone's settings as version 2 wrote them:
+    # a model registered before the ensemble is found again, not registered twice.
+    keyed = json.loads(config.key_text())
+    assert keyed["version"] == 2 and keyed["features"] == old["features"]
+    combined = dataclasses.replace(config, features=hetero(LITE0, channels=8))
+    assert json.loads(combined.key_text())["features"]["channels"] == 8
 
 
 @pytest.mark.parametrize("features, setting", [

@@ -5,6 +5,7 @@ pipeline's result that the detector came from set them."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ B64_COLUMN = "image_b64"  # a DataFrame column of base64-encoded image files (RE
 # (features.sources, combine, channels) whose transform lies in the detector's folder.
 CONFIG_VERSION = 3
 _FEATURE_FIELDS = ("backbone", "layers", "input_size", "batch_size", "device")
+_COMBINED_FIELDS = ("sources", "combine", "channels")  # feature settings added in version 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,16 @@ class ScoringConfig(JsonSettings):
             # Version 2 had one backbone: its settings read as version 3's defaults.
             data = {**data, "version": 3}
         return data
+
+    def key_text(self) -> str:
+        """The settings as the registry's model key hashes them. A single backbone's read as
+        version 2 wrote them, so versions registered before 3 are still found on a rerun."""
+        data = dataclasses.asdict(self)
+        if not self.features.combined:
+            for name in _COMBINED_FIELDS:
+                data["features"].pop(name)
+            data["version"] = 2
+        return json.dumps(data, sort_keys=True)
 
     @property
     def stats(self) -> dict:
