@@ -120,7 +120,7 @@ def cmd_run(args) -> int:
     from defectflow.flows.preflight import preflight
 
     preflight(params, ParamsOrigin(path, overrides))  # data, devices, cache and store first
-    print(f"defectflow: {params.dataset_name} with {params.features.backbone}, "
+    print(f"defectflow: {params.dataset_name} with {params.features.label}, "
           f"methods {sorted(params.methods)}  (params: {path or 'built-in defaults'})", flush=True)
     from defectflow.flows.runners import run_pipeline
     from defectflow.tasks import tracking  # noqa: F401  (MLflow's import, while the server boots)

@@ -30,6 +30,10 @@ def preflight(params: PipelineParams, origin: ParamsOrigin | None = None) -> Non
                               f"{features.backbone!r} (valid: {layers})",
                               origin.of("features.layers"))
     check_device(features.device, origin.of("features.device"))
+    if features.combined:
+        from ..tasks.feature_sources import check_sources
+
+        check_sources(features, origin.of("features.sources"))
     if REGISTRY[params.dataset.layout].needs_source:
         source_fingerprint(params.dataset.layout, params.dataset.path)
     writable_folder(params.cache_dir, "cache_dir", params.min_free_gb)

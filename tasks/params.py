@@ -194,7 +194,7 @@ class PipelineParams(_Strict):
         if not methods:
             raise ValueError("at least one method is needed")
         features = info.data.get("features")
-        layers = features.layers if features is not None else None
+        layers = features.detector_layers if features is not None else None
         typed = {}
         for name, options in methods.items():
             if name not in METHODS:

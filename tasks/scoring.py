@@ -10,7 +10,10 @@ import pandas as pd
 
 from . import cores
 from .feature_settings import FeatureSettings
-from .features import FeatureStoreRef, extract_features, resolve_device
+from .errors import DefectflowError
+from .feature_sources import feature_store
+from .feature_transform import TRANSFORM_NAME
+from .features import FeatureStoreRef, resolve_device
 from .methods import PatchSet
 
 SCORE_PIECE = 512  # patches scored per call: bounds the anomaly maps held in memory
@@ -40,15 +43,27 @@ def score_pieces(detector, batch: PatchSet, maps: np.ndarray) -> np.ndarray:
 
 
 def new_images_batch(manifest: pd.DataFrame, patches: pd.DataFrame, features: FeatureSettings,
-                     stats: dict, cache_dir: str | Path, with_features: bool = True) -> PatchSet:
+                     stats: dict, cache_dir: str | Path, with_features: bool = True,
+                     transform: str | Path | None = None) -> PatchSet:
     """Every patch of images from outside the scanned dataset (synthetic defects, an inbox)
     as a detector's input, prepared exactly as the dataset's own: the same backbone, layers,
     input size, normalization and denoising, into a content-addressed feature store under
-    ``cache_dir`` (skipped for methods that read pixels only: ``with_features=False``)."""
+    ``cache_dir`` (skipped for methods that read pixels only: ``with_features=False``).
+    Combined (multi-network) features need ``transform``: the one the detector was trained
+    with (``model_transform``)."""
     store = None
     if with_features:
-        store = extract_features(patches, manifest, features, mean=stats["mean"],
-                                 std=stats["std"], cache_dir=cache_dir, progress=False,
-                                 denoise=stats.get("denoise"))
+        if features.combined and transform is None:
+            raise DefectflowError("this detector reads combined features (features.sources) "
+                                  "but its folder has no feature transform")
+        store = feature_store(patches, manifest, features, mean=stats["mean"],
+                              std=stats["std"], cache_dir=cache_dir, progress=False,
+                              denoise=stats.get("denoise"), transform=transform)
     return patch_set(store, patches, np.ones(len(patches), bool),
                      dict(zip(manifest["image_id"], manifest["path"])), features, stats)
+
+
+def model_transform(model_dir: str | Path) -> Path | None:
+    """The feature transform a trained detector's folder carries (combined features only)."""
+    path = Path(model_dir) / TRANSFORM_NAME
+    return path if path.is_file() else None

@@ -247,6 +247,14 @@ def _battery_cases(tmp: Path) -> list[tuple[list[str], list[str]]]:
         (["--set", "features.layers=[blocks.2, layer9]"], ["--set features.layers=", "layer9"]),
         (["run", str(bad_backbone)], [str(bad_backbone), "features.backbone", "vgg99"]),
         (["--set", "features.input_size.x=1"], ["features.input_size is not a mapping"]),
+        # The heterogeneous feature ensemble's settings (features.sources).
+        (["--set", "features.sources=[{backbone: efficientnet_lite9, layers: [blocks.2]}]"],
+         ["--set features.sources=", "features.sources[0].backbone", "efficientnet_lite9"]),
+        (["--set", "features.sources=[{backbone: efficientnet_lite0, layers: [blocks.2]}]",
+          "--set", "features.channels=41"],
+         ["features.channels: 41 is more than the 40 channels"]),
+        (["--set", "features.combine=average"],
+         ["--set features.combine=average", "combine must be one of"]),
         (["--set", "a=["], ["--set a=[", "not valid YAML"]),
         (["--set", "novalue"], ["--set expects KEY=VALUE"]),
         (["--set", "dataset.category=../x"], ["--set dataset.category=../x", "category"]),
@@ -265,7 +273,7 @@ def _battery_cases(tmp: Path) -> list[tuple[list[str], list[str]]]:
     ]
 
 
-BATTERY_SIZE = 19
+BATTERY_SIZE = 22
 
 
 @pytest.fixture(scope="module")

@@ -126,14 +126,17 @@ def test_truncated_l1_loss_is_zero_past_the_margin():
 
 
 def test_params_reject_bad_values():
-    for bad in (dict(layers=("blocks.2",)), dict(layers=("a", "b", "c", "d")), dict(n_channels=0),
-                dict(eps=0), dict(smoothing_sigma=-1)):
+    for bad in (dict(layers=()), dict(layers=("a", "a")), dict(layers=("a", "b", "c", "d")),
+                dict(n_channels=0), dict(eps=0), dict(smoothing_sigma=-1)):
         with pytest.raises(ValueError):
             PaDiMParams(**bad)
-    for bad in (dict(layers=("blocks.2",)), dict(n_components=0), dict(epochs=0),
+    for bad in (dict(layers=()), dict(layers=("a", "a")), dict(n_components=0), dict(epochs=0),
                 dict(noise_std=0), dict(lr_discriminator=-1), dict(batch_size=0)):
         with pytest.raises(ValueError):
             FeatureEnsembleParams(**bad)
+    # One layer is a combined feature source's (features.sources).
+    assert PaDiMParams(layers=("combined",)).layers == FeatureEnsembleParams(
+        layers=("combined",)).layers == ("combined",)
 
 
 # -- the generated product -----------------------------------------------------------

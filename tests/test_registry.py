@@ -126,9 +126,11 @@ def test_scoring_settings_round_trip_and_reject_other_versions(tmp_path):
     path = config.save(tmp_path / "scoring.json")
     assert ScoringConfig.load(path) == config
     saved = json.loads(path.read_text())
-    # Models registered before version 2 kept the feature settings as flat fields.
-    flat = {**{k: v for k, v in saved.items() if k != "features"}, **saved["features"],
-            "version": 1}
+    # Models registered before version 2 kept the feature settings as flat fields (those
+    # before version 3 had no sources, combine or channels).
+    v1_fields = ("backbone", "layers", "input_size", "batch_size", "device")
+    flat = {**{k: v for k, v in saved.items() if k != "features"},
+            **{k: saved["features"][k] for k in v1_fields}, "version": 1}
     path.write_text(json.dumps(flat))
     assert ScoringConfig.load(path) == config
     path.write_text(json.dumps({**saved, "version": 99}))

@@ -58,8 +58,9 @@ class FeatureEnsembleParams:
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
-        if len(self.layers) < 2 or len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"the ensemble needs 2 or more distinct layers, got {self.layers}")
+        # One layer: a combined feature source (features.sources), already multi-network.
+        if not self.layers or len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"the ensemble needs distinct layers, got {self.layers}")
         for name in ("n_components", "hidden", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -40,8 +40,9 @@ class PaDiMParams:
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
-        if not 2 <= len(self.layers) <= 3 or len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"PaDiM needs 2 or 3 distinct layers, got {self.layers}")
+        # One layer: a combined feature source (features.sources), already multi-network.
+        if not 1 <= len(self.layers) <= 3 or len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"PaDiM needs 1 to 3 distinct layers, got {self.layers}")
         if self.n_channels < 1:
             raise ValueError(f"n_channels must be >= 1, got {self.n_channels}")
         if not self.eps > 0:

@@ -5,6 +5,7 @@ pipeline's result that the detector came from set them."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,11 @@ from ..results import DetectorResult
 
 CONFIG_NAME = "scoring.json"
 B64_COLUMN = "image_b64"  # a DataFrame column of base64-encoded image files (REST requests)
-CONFIG_VERSION = 2  # 2: the feature settings as one nested object
+# 2: the feature settings as one nested object; 3: they may name several networks
+# (features.sources, combine, channels) whose transform lies in the detector's folder.
+CONFIG_VERSION = 3
 _FEATURE_FIELDS = ("backbone", "layers", "input_size", "batch_size", "device")
+_COMBINED_FIELDS = ("sources", "combine", "channels")  # feature settings added in version 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +52,20 @@ class ScoringConfig(JsonSettings):
         if data.get("version") == 1:
             features = {name: data.pop(name) for name in _FEATURE_FIELDS if name in data}
             data = {**data, "features": features, "version": 2}
+        if data.get("version") == 2:
+            # Version 2 had one backbone: its settings read as version 3's defaults.
+            data = {**data, "version": 3}
         return data
+
+    def key_text(self) -> str:
+        """The settings as the registry's model key hashes them. A single backbone's read as
+        version 2 wrote them, so versions registered before 3 are still found on a rerun."""
+        data = dataclasses.asdict(self)
+        if not self.features.combined:
+            for name in _COMBINED_FIELDS:
+                data["features"].pop(name)
+            data["version"] = 2
+        return json.dumps(data, sort_keys=True)
 
     @property
     def stats(self) -> dict:

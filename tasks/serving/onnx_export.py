@@ -78,6 +78,10 @@ def load_model_folder(folder: str | Path):
         raise DefectflowError(f"a model scoring {config.patch_size} px patches cannot be "
                               "exported yet: only whole-image models (patches.size: null) are",
                               folder)
+    if config.features.combined:
+        raise DefectflowError("a model on combined features (features.sources) cannot be "
+                              "exported yet: its several networks and PCA have no export path",
+                              folder)
     detector = METHODS[config.method].load(folder / "detector")
     if type(detector).export_refusal is not None:
         detector.torch_head(config.features.input_size)  # raises the detector's reason

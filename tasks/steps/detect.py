@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ import pandas as pd
 from ..cache import Ref, allocated_memmap, cached_folder
 from ..errors import DefectflowError
 from ..feature_settings import FeatureSettings
+from ..feature_sources import transform_path
+from ..feature_transform import TRANSFORM_NAME
 from ..features import FeatureStoreRef
 from ..methods import METHODS, PatchSet, source_hash
 from ..scoring import patch_set, score_pieces
@@ -66,6 +69,8 @@ def train_step(store: FeatureStoreRef, patches: Ref, manifest: Ref, category: st
                 raise DefectflowError(f"category {category!r} has no training images")
             detector.fit(train)
             detector.save(out.partial)
+            if transform_path(store) is not None:  # combined features: new images need it
+                shutil.copy2(transform_path(store), out.partial / TRANSFORM_NAME)
             (out.partial / "train_defects.json").write_text(json.dumps(defects))
     return out.ref
 

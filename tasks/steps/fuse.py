@@ -3,6 +3,7 @@ one-class mode (made, then scored exactly as real images are)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from ..images import file_hash, read_image, text_hash
 from ..methods import METHODS
 from ..params import FusionParams
 from ..patches import plan_patches
-from ..scoring import new_images_batch
+from ..scoring import model_transform, new_images_batch
 from .common import step_key
 from .detect import score_into
 
@@ -178,7 +179,10 @@ def feature_settings(features: FeatureSettings, stats: dict) -> dict:
             "input_size": features.input_size,
             "mean": [round(float(v), 6) for v in stats["mean"]],
             "std": [round(float(v), 6) for v in stats["std"]],
-            "denoise": stats.get("denoise")}
+            "denoise": stats.get("denoise"),
+            **({"sources": [dataclasses.asdict(s) for s in features.sources],
+                "combine": features.combine, "channels": features.channels}
+               if features.combined else {})}
 
 
 def synthetic_step(manifest: Ref, val_ids: list[str], category: str, segments: np.ndarray,
@@ -249,7 +253,8 @@ def synthetic_scores_step(model: Ref, method: str, synthetic: Ref, category: str
     detector loaded from its saved model and ``score_into``. Cached under ``scores/``."""
     table = pd.read_parquet(Path(synthetic.path) / "manifest.parquet")
     rows = plan_patches(table, None, None, use_annotations=False)
-    batch = new_images_batch(table, rows, features, stats, cache_dir)
+    batch = new_images_batch(table, rows, features, stats, cache_dir,
+                             transform=model_transform(model.path))
     key = step_key("score-synthetic", model.key, batch.store.key, category)
     with cached_folder(cache_dir, "scores", key) as out:
         if out.missing:

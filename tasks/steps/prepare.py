@@ -10,7 +10,8 @@ from .. import datasets
 from ..cache import Ref, cache_path, write_table, write_text
 from ..errors import DefectflowError
 from ..feature_settings import FeatureSettings
-from ..features import FeatureStoreRef, extract_features
+from ..feature_sources import feature_store
+from ..features import FeatureStoreRef
 from ..images import MAX_IMAGE_PIXELS, text_hash
 from ..normalization import normalization_stats
 from ..patches import plan_patches
@@ -137,7 +138,9 @@ def normalization_step(patches: Ref, manifest: Ref, category: str, mode: str,
 # -- 4. features -------------------------------------------------------------------
 def features_step(patches: Ref, manifest: Ref, category: str, features: FeatureSettings,
                   stats: dict, cache_dir: str, progress: bool = True) -> FeatureStoreRef:
+    """The category's feature store; a combined source's transform is fitted on its
+    training rows only."""
     rows = category_rows(patches, category)
-    return extract_features(rows, manifest.table(), features, mean=stats["mean"],
-                            std=stats["std"], cache_dir=cache_dir, progress=progress,
-                            denoise=stats.get("denoise"))
+    return feature_store(rows, manifest.table(), features, mean=stats["mean"],
+                         std=stats["std"], cache_dir=cache_dir, progress=progress,
+                         denoise=stats.get("denoise"), train=(rows["split"] == "train").to_numpy())

@@ -4,7 +4,6 @@ and an alias (``params.registry.alias``) on the best version of each registered 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import tempfile
 import warnings
@@ -158,14 +157,13 @@ def register_detectors(tracker: Tracker, params, tracked: list[TrackedRun]
         config = _scoring_config(params, item)
         # The fitted detector's content key plus its scoring settings: a rerun from cache
         # finds its version instead of registering the same model again.
-        model_key = text_hash(result.model.key,
-                              json.dumps(dataclasses.asdict(config), sort_keys=True))
+        model_key = text_hash(result.model.key, config.key_text())
         tags = {"dataset": params.dataset_name, "category": result.category,
-                "method": result.method, "backbone": params.features.backbone,
+                "method": result.method, "backbone": params.features.label,
                 "threshold": threshold, "model_key": model_key,
                 **{f"metric.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}}
         what = (f"{result.method} detector of {params.dataset_name} / {result.category} "
-                f"({params.features.backbone})")
+                f"({params.features.label})")
         version = _register_once(
             tracker, item.run_id, name, tags,
             lambda folder: write_model_folder(folder, result.model.path, config),
@@ -230,10 +228,9 @@ def register_fusions(tracker: Tracker, params, tracked: list[TrackedRun]
                                      FUSION_METHOD)
         # The fusion folder's content key plus every detector's scoring settings: a rerun
         # from cache finds its version instead of registering the same model again.
-        model_key = text_hash(ref.key, *(json.dumps(dataclasses.asdict(packed[m][1]),
-                                                    sort_keys=True) for m in config.detectors))
+        model_key = text_hash(ref.key, *(packed[m][1].key_text() for m in config.detectors))
         tags = {"dataset": params.dataset_name, "category": category,
-                "method": FUSION_METHOD, "backbone": params.features.backbone,
+                "method": FUSION_METHOD, "backbone": params.features.label,
                 "detectors": ",".join(config.detectors),
                 "fusion_mode": item.metrics.get("mode", "supervised"),
                 "threshold": config.threshold, "threshold_rule": config.threshold_rule,

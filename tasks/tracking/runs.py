@@ -40,7 +40,7 @@ def record_pipeline(params, scanned, properties, results: list[DetectorResult],
     tracker.tag_experiment(views.EXPERIMENT_TAGS)
     steps = pd.DataFrame(step_rows)
     all_cached = bool(len(steps)) and bool((steps["status"] == "cached").all())
-    base_tags = {"dataset": params.dataset_name, "backbone": params.features.backbone}
+    base_tags = {"dataset": params.dataset_name, "backbone": params.features.label}
     # A failure anywhere below (a name MLflow rejects, a full disk) ends every run it
     # opened as FAILED instead of leaving them RUNNING.
     with tracker.ending_runs():
