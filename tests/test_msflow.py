@@ -1,0 +1,200 @@
+"""The MSFlow detector (normalizing flow on cached features) on tiny generated images:
+the flow's algebra, fitting, separation of generated defects, maps at the defect, seeding,
+persistence, and a run of the whole flow with it as a child run."""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from defectflow.tasks import datasets, features as features_mod
+from defectflow.tasks.evaluation import image_metrics, pixel_metrics
+from defectflow.tasks.feature_settings import FeatureSettings
+from defectflow.tasks.images import read_mask
+from defectflow.tasks.methods import PatchSet
+from defectflow.tasks.methods.flow_blocks import (CouplingBlock, MultiScaleFlow,
+                                                  positional_encoding, soft_clamp)
+from defectflow.tasks.methods.msflow import MSFlow, MSFlowParams
+from defectflow.tasks.normalization import channel_stats
+from defectflow.tasks.params import load_params
+from defectflow.tasks.patches import plan_patches
+
+LAYERS = ("blocks.2", "blocks.4")
+SIZE = 64
+# Small and short: the generated set has 24 training images of 8x8 + 4x4 positions.
+FAST = dict(layers=LAYERS, blocks=2, epochs=12, batch_size=4, learning_rate=2e-3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny convolutions: on a loaded 2-core machine a second intra-op thread only spins."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def product(tmp_path_factory):
+    from conftest import make_folder_dataset
+
+    tmp = tmp_path_factory.mktemp("msflow")
+    root = make_folder_dataset(tmp / "product", n_good=30, n_bad=8)
+    manifest = datasets.scan_dataset("folder", root).manifest
+    patches = plan_patches(manifest)
+    paths = dict(zip(manifest.image_id, manifest.path))
+    stats = channel_stats(patches[patches.split == "train"], paths)
+    store = features_mod.extract_features(
+        patches, manifest, FeatureSettings(layers=LAYERS, input_size=SIZE),
+        mean=stats["mean"], std=stats["std"], cache_dir=tmp / "cache", progress=False)
+
+    def subset(split):
+        pos = np.flatnonzero((patches["split"] == split).to_numpy())
+        return PatchSet(patches.iloc[pos].reset_index(drop=True), store, pos, paths, SIZE,
+                        tuple(stats["mean"]), tuple(stats["std"]))
+
+    return manifest, subset("train"), subset("test")
+
+
+@pytest.fixture(scope="module")
+def fitted(product):
+    _, train, _ = product
+    return MSFlow(MSFlowParams(**FAST)).fit(train)
+
+
+def defect_masks(manifest, test):
+    """{position in test: boolean mask at the input size} of the defective test images."""
+    mask_paths = manifest.set_index("image_id")["mask_path"]
+    masks = {}
+    for pos, image_id in enumerate(test.table["image_id"]):
+        if isinstance(mask_paths[image_id], str):
+            masks[pos] = cv2.resize(read_mask(mask_paths[image_id]).astype(np.uint8),
+                                    (SIZE, SIZE), interpolation=cv2.INTER_NEAREST) > 0
+    return masks
+
+
+# -- the flow's algebra ----------------------------------------------------------------
+def test_coupling_log_determinant_equals_autograd_jacobian():
+    """The summed log-scales are log|det J| of the whole block (rotation included)."""
+    torch.manual_seed(0)
+    block = CouplingBlock(4, 6, 3, 1.9, 0, torch.Generator().manual_seed(0)).double()
+    for param in block.net.parameters():        # leave the identity start
+        torch.nn.init.normal_(param, std=0.3)
+    x = torch.randn(1, 4, 3, 3, dtype=torch.float64)
+    jacobian = torch.autograd.functional.jacobian(lambda v: block(v, None)[0], x)
+    jacobian = jacobian.reshape(x.numel(), x.numel())
+    with torch.no_grad():
+        _, logdet = block(x, None)
+    assert logdet.shape == (1, 3, 3)
+    # The rotation was drawn in float32: its |det| is 1 to float32 precision.
+    assert float(logdet.sum()) == pytest.approx(float(torch.linalg.slogdet(jacobian)[1]),
+                                                abs=1e-5)
+
+
+def test_soft_clamp_is_bounded_odd_and_linear_at_zero():
+    s = torch.tensor([-1e6, -0.01, 0.0, 0.01, 1e6], dtype=torch.float64)
+    out = soft_clamp(s, 1.9)
+    assert out.abs().max() < 1.9 and out[0] == pytest.approx(-1.9, rel=1e-5) and out[2] == 0
+    assert out[3] == -out[1] == pytest.approx(0.01 * 2 / math.pi, rel=1e-4)  # CS-Flow's 0.636
+
+
+def test_untrained_flow_gives_the_standard_normal_nll_of_standardized_features():
+    """Every block starts as a rotation (zero-initialized subnets): z is the standardized
+    input rotated, so the NLL per dimension is 0.5 |x|^2 / C, log-det 0."""
+    flow = MultiScaleFlow([6, 4], [(4, 4), (2, 2)], [2, 2], 1.0, 3, 1.9, True, 4, seed=0)
+    flow.set_standardization([np.full(6, 2.0, np.float32), np.zeros(4, np.float32)],
+                             [np.full(6, 0.5, np.float32), np.ones(4, np.float32)])
+    x = [torch.randn(3, 6, 4, 4), torch.randn(3, 4, 2, 2)]
+    nll = flow(x)
+    standardized = (x[0] - 2.0) / 0.5
+    torch.testing.assert_close(nll[0], 0.5 * (standardized ** 2).sum(1) / 6)
+    torch.testing.assert_close(nll[1], 0.5 * (x[1] ** 2).sum(1) / 4)
+
+
+def test_positional_encoding_tells_every_position_apart():
+    enc = positional_encoding(8, 5, 7)
+    assert enc.shape == (8, 5, 7) and enc.abs().max() <= 1
+    vectors = enc.flatten(1).T
+    assert len(torch.unique(vectors.round(decimals=4), dim=0)) == 35
+
+
+def test_params_reject_bad_values_and_are_selectable_in_params():
+    for bad in (dict(blocks=0), dict(kernel=2), dict(pool=4), dict(positional=6),
+                dict(top_k=1.5), dict(learning_rate=0), dict(layers=("a", "a"))):
+        with pytest.raises(ValueError):
+            MSFlowParams(**bad)
+    params = load_params(None, {"methods": {MSFlow.name: {"epochs": 3, "positional": 8}},
+                                "features.layers": ["blocks.1", "blocks.3"]})
+    typed = params.methods[MSFlow.name]
+    assert isinstance(typed, MSFlowParams) and typed.epochs == 3
+    assert typed.layers == ("blocks.1", "blocks.3")   # the layers come from ``features``
+
+
+# -- fitting and scoring on generated images --------------------------------------------
+def test_fit_logs_a_falling_loss_by_epoch(fitted):
+    curve = fitted.history["train_loss"]
+    assert len(curve) == FAST["epochs"] and all(math.isfinite(v) for v in curve)
+    assert curve[-1] < curve[0] - 0.2 and curve[-1] < min(curve[:3])
+    assert fitted.shapes_ == [(40, 8, 8), (112, 4, 4)]      # Lite0 blocks.2, blocks.4 at 64 px
+
+
+def test_separates_generated_defects_and_its_map_peaks_at_the_defect(product, fitted):
+    manifest, _, test = product
+    scores, maps = fitted.score(test)
+    assert scores.dtype == np.float32 and maps.shape == (len(test), SIZE, SIZE)
+    assert image_metrics(test.labels, scores, float(np.median(scores)))["image_auroc"] >= 0.9
+    masks = defect_masks(manifest, test)
+    assert len(masks) >= 4
+    positions = sorted(masks)
+    assert pixel_metrics([masks[p] for p in positions],
+                         [maps[p] for p in positions])["pixel_auroc"] >= 0.85
+    # The hottest pixel of a defective image lies on (or right next to) its defect.
+    near = 0
+    for pos in positions:
+        grown = cv2.dilate(masks[pos].astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
+        near += bool(grown.flat[maps[pos].argmax()])
+    assert near >= 0.75 * len(positions)
+
+
+def test_image_score_is_the_top_k_mean_of_the_map_and_the_head_is_the_scoring(product, fitted):
+    _, _, test = product
+    scores, maps = fitted.score(test)
+    k = max(1, round(0.01 * SIZE * SIZE))
+    top = np.sort(maps.reshape(len(maps), -1), axis=1)[:, -k:].mean(axis=1)
+    np.testing.assert_allclose(scores, top, rtol=1e-5)
+    # The exported graph's head (``torch_head``) gives the same figures.
+    _, chunk = next(test.feature_chunks(LAYERS))
+    with torch.no_grad():
+        head_scores, head_maps = fitted.torch_head(SIZE)([torch.from_numpy(chunk[layer])
+                                                          for layer in LAYERS])
+    np.testing.assert_allclose(head_scores.numpy(), scores[:len(head_scores)], rtol=1e-5)
+    np.testing.assert_allclose(head_maps.numpy(), maps[:len(head_maps)], rtol=1e-5, atol=1e-6)
+
+
+def test_save_and_load_score_the_same(product, fitted, tmp_path):
+    _, _, test = product
+    folder = fitted.save(tmp_path / "msflow")
+    assert {"detector.json", "history.json", "flow.pt", "shapes.json"} <= {
+        p.name for p in folder.iterdir()}
+    restored = MSFlow.load(folder)
+    assert restored.history == fitted.history and restored.params == fitted.params
+    scores, maps = fitted.score(test)
+    restored_scores, restored_maps = restored.score(test)
+    np.testing.assert_array_equal(restored_scores, scores)
+    np.testing.assert_array_equal(restored_maps, maps)
+
+
+def test_training_is_deterministic_for_a_seed(product):
+    _, train, test = product
+    params = dict(FAST, epochs=2, positional=4)
+
+    def fit(**extra):
+        return MSFlow(MSFlowParams(**params, **extra)).fit(train)
+
+    first, again, other = fit(), fit(), fit(seed=1)
+    assert again.history == first.history and other.history != first.history
+    np.testing.assert_array_equal(again.score(test)[0], first.score(test)[0])
