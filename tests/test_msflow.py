@@ -198,3 +198,41 @@ def test_training_is_deterministic_for_a_seed(product):
     first, again, other = fit(), fit(), fit(seed=1)
     assert again.history == first.history and other.history != first.history
     np.testing.assert_array_equal(again.score(test)[0], first.score(test)[0])
+
+
+# -- through the whole flow --------------------------------------------------------------
+def test_runs_through_the_flow_as_a_child_run_with_its_training_curve(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from conftest import make_folder_dataset
+    from defectflow.cli import main
+    from test_flow import write_params
+
+    data = make_folder_dataset(tmp_path / "product", n_good=30, n_bad=8)
+    options = {k: v for k, v in FAST.items() if k != "layers"}
+    params = write_params(tmp_path, data, methods={MSFlow.name: options},
+                          fusion={"enabled": False})
+    assert main(["run", str(params), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("product ")
+               and MSFlow.name in line)
+    assert float(row.split()[2]) >= 0.9                     # image AUROC in the table
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("generated")
+    child = next(r for r in client.search_runs([experiment.experiment_id])
+                 if r.data.tags.get("mlflow.parentRunId"))
+    assert child.data.tags["method"] == MSFlow.name
+    assert child.data.params["method.epochs"] == str(FAST["epochs"])
+    assert child.data.metrics["image_auroc"] >= 0.9 and "pixel_auroc" in child.data.metrics
+    curve = client.get_metric_history(child.info.run_id, "train_loss")
+    assert sorted(m.step for m in curve) == list(range(FAST["epochs"]))
+    logged = {a.path for a in client.list_artifacts(child.info.run_id, "model")}
+    assert {"model/flow.pt", "model/history.json"} <= logged
+
+    # A second run reuses the trained flow (content-hashed cache): nothing is trained again.
+    models = sorted((tmp_path / "cache" / "models").iterdir())
+    stamps = [p.stat().st_mtime_ns for p in models]
+    assert main(["run", str(params), "--quiet"]) == 0
+    assert sorted((tmp_path / "cache" / "models").iterdir()) == models
+    assert [p.stat().st_mtime_ns for p in models] == stamps
