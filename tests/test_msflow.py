@@ -18,7 +18,8 @@ from defectflow.tasks.images import read_mask
 from defectflow.tasks.methods import PatchSet
 from defectflow.tasks.methods.flow_blocks import (CouplingBlock, MultiScaleFlow,
                                                   positional_encoding, soft_clamp)
-from defectflow.tasks.methods.msflow import MSFlow, MSFlowParams
+from defectflow.tasks.methods.msflow import MSFlow, MSFlowParams, standardization
+from defectflow.tasks.methods.padim import GaussianAccumulator, mahalanobis
 from defectflow.tasks.normalization import channel_stats
 from defectflow.tasks.params import load_params
 from defectflow.tasks.patches import plan_patches
@@ -107,12 +108,36 @@ def test_untrained_flow_gives_the_standard_normal_nll_of_standardized_features()
     input rotated, so the NLL per dimension is 0.5 |x|^2 / C, log-det 0."""
     flow = MultiScaleFlow([6, 4], [(4, 4), (2, 2)], [2, 2], 1.0, 3, 1.9, True, 4, seed=0)
     flow.set_standardization([np.full(6, 2.0, np.float32), np.zeros(4, np.float32)],
-                             [np.full(6, 0.5, np.float32), np.ones(4, np.float32)])
+                             [np.full(6, 1 / 0.5, np.float32), np.ones(4, np.float32)])
     x = [torch.randn(3, 6, 4, 4), torch.randn(3, 4, 2, 2)]
     nll = flow(x)
     standardized = (x[0] - 2.0) / 0.5
     torch.testing.assert_close(nll[0], 0.5 * (standardized ** 2).sum(1) / 6)
     torch.testing.assert_close(nll[1], 0.5 * (x[1] ** 2).sum(1) / 4)
+
+
+def test_untrained_whitened_flow_scores_padim_mahalanobis_distance():
+    """``standardize: whiten`` makes each position's Gaussian (mean, covariance + eps) the
+    start: the untrained flow's NLL per dimension is PaDiM's squared distance / 2C."""
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(5, 5))
+    train = torch.from_numpy(np.einsum("nphw,cp->nchw", rng.normal(size=(200, 5, 3, 2)),
+                                       mixing).astype(np.float32))
+    test = torch.from_numpy(rng.normal(size=(4, 5, 3, 2)).astype(np.float32) * 2)
+    mean, scale = standardization(train, "whiten", eps=0.01)
+    flow = MultiScaleFlow([5], [(3, 2)], [2], 1.0, 3, 1.9, False, 0, seed=0,
+                          standardize="whiten")
+    flow.set_standardization([mean], [scale])
+    with torch.no_grad():
+        nll = flow([test])[0]                                     # (4, 3, 2)
+
+    gaussians = GaussianAccumulator()
+    gaussians.add(train.flatten(2).transpose(1, 2))
+    floor = 0.01 * float(train.double().var((0, 2, 3)).mean())
+    mu, inverse = gaussians.mean_and_inverse_covariance(floor)
+    distance = mahalanobis(test.flatten(2).transpose(1, 2), torch.from_numpy(mu),
+                           torch.from_numpy(inverse))              # (4, 6)
+    torch.testing.assert_close(nll.flatten(1), distance ** 2 / (2 * 5), rtol=1e-4, atol=1e-4)
 
 
 def test_positional_encoding_tells_every_position_apart():
@@ -124,7 +149,8 @@ def test_positional_encoding_tells_every_position_apart():
 
 def test_params_reject_bad_values_and_are_selectable_in_params():
     for bad in (dict(blocks=0), dict(kernel=2), dict(pool=4), dict(positional=6),
-                dict(top_k=1.5), dict(learning_rate=0), dict(layers=("a", "a"))):
+                dict(top_k=1.5), dict(learning_rate=0), dict(layers=("a", "a")),
+                dict(standardize="pca"), dict(eps=0)):
         with pytest.raises(ValueError):
             MSFlowParams(**bad)
     params = load_params(None, {"methods": {MSFlow.name: {"epochs": 3, "positional": 8}},

@@ -129,14 +129,24 @@ class MultiScaleFlow(nn.Module):
 
     def __init__(self, channels: list[int], grids: list[tuple[int, int]], blocks: list[int],
                  hidden_ratio: float, kernel: int, alpha: float, fusion: bool,
-                 positional: int, seed: int):
+                 positional: int, seed: int, standardize: str = "channel"):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         self.channels = list(channels)
+        self.whiten = standardize == "whiten"
         for i, (c, grid) in enumerate(zip(channels, grids)):
-            # Filled by ``set_standardization`` from the training features.
-            self.register_buffer(f"mean{i}", torch.zeros(1, c, 1, 1))
-            self.register_buffer(f"inv_std{i}", torch.ones(1, c, 1, 1))
+            # Filled by ``set_standardization`` from the training features: a mean per
+            # channel ("channel") or per channel and grid position; then a std per channel,
+            # per channel and position ("position"), or a whitening matrix per position
+            # ("whiten": PaDiM's Gaussian, z = L^-1 (x - mu) with L L^T its covariance).
+            per_position = standardize != "channel"
+            self.register_buffer(f"mean{i}", torch.zeros((1, c, *grid) if per_position
+                                                         else (1, c, 1, 1)))
+            if self.whiten:    # stored transposed, (P, C, C), for a batched row-vector product
+                self.register_buffer(f"scale{i}", torch.eye(c).repeat(grid[0] * grid[1], 1, 1))
+            else:
+                self.register_buffer(f"scale{i}", torch.ones((1, c, *grid) if per_position
+                                                             else (1, c, 1, 1)))
             if positional:
                 self.register_buffer(f"pos{i}", positional_encoding(positional, *grid)[None])
         self.positional = positional
@@ -147,15 +157,26 @@ class MultiScaleFlow(nn.Module):
         self.fusion = (FusionBlock(channels, hidden_ratio, kernel, alpha, positional)
                        if fusion and len(channels) > 1 else None)
 
-    def set_standardization(self, means: list[np.ndarray], stds: list[np.ndarray]) -> None:
-        for i, (mean, std) in enumerate(zip(means, stds)):
-            getattr(self, f"mean{i}").copy_(torch.from_numpy(mean).view(1, -1, 1, 1))
-            getattr(self, f"inv_std{i}").copy_(torch.from_numpy(1.0 / std).view(1, -1, 1, 1))
+    def set_standardization(self, means: list[np.ndarray], scales: list[np.ndarray]) -> None:
+        """Each scale's mean and its 1/std or (whiten) transposed whitening matrices, in the
+        buffers' shapes."""
+        for i, (mean, scale) in enumerate(zip(means, scales)):
+            for name, value in ((f"mean{i}", mean), (f"scale{i}", scale)):
+                buffer = getattr(self, name)
+                buffer.copy_(torch.from_numpy(np.asarray(value, np.float32)).view(buffer.shape))
+
+    def standardized(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        x = x - getattr(self, f"mean{i}")
+        if not self.whiten:
+            return x * getattr(self, f"scale{i}")
+        b, c, h, w = x.shape
+        white = torch.bmm(x.flatten(2).permute(2, 0, 1), getattr(self, f"scale{i}"))  # (P, B, C)
+        return white.permute(1, 2, 0).reshape(b, c, h, w)
 
     def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
         xs, logdets, conds = [], [], []
         for i, (x, flow) in enumerate(zip(maps, self.flows)):
-            x = (x - getattr(self, f"mean{i}")) * getattr(self, f"inv_std{i}")
+            x = self.standardized(i, x)
             cond = (getattr(self, f"pos{i}").expand(x.shape[0], -1, -1, -1)
                     if self.positional else None)
             logdet = torch.zeros_like(x[:, 0])

@@ -33,8 +33,10 @@ import torch
 from .. import cores
 from .base import FeatureDetector, PatchSet
 from .flow_blocks import MSFlowHead, MultiScaleFlow, pooled
+from .padim import GaussianAccumulator
 
 CHUNK_SIZE = 64   # images per feature chunk while reading the store
+STANDARDIZE = ("channel", "position", "whiten")
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,13 @@ class MSFlowParams:
     kernel: int = 3                    # subnet convolution size (MSFlow, CS-Flow: 3)
     clamp_alpha: float = 1.9           # soft clamping of the log-scales (MSFlow: 1.9)
     positional: int = 0                # channels of the positional condition (0: none)
-    pool: int = 3                      # average-pooling window before the flow (1: none)
+    pool: int = 1                      # average-pooling window before the flow (1: none)
+    # Standardization before the flow: "channel" (a mean and std per channel), "position"
+    # (per channel and grid position) or "whiten" (per position: the mean and the full
+    # covariance, PaDiM's Gaussian; the untrained flow then scores PaDiM's Mahalanobis
+    # distance, and training models what that Gaussian misses).
+    standardize: str = "whiten"
+    eps: float = 0.01                  # variance added, x the layer's mean channel variance
     epochs: int = 20
     batch_size: int = 16               # images per step (each gives every grid position)
     learning_rate: float = 1e-3        # Adam, cosine-decayed to 0 over the epochs
@@ -71,6 +79,11 @@ class MSFlowParams:
         for name in ("hidden_ratio", "clamp_alpha", "learning_rate"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.standardize not in STANDARDIZE:
+            raise ValueError(f"standardize must be one of {STANDARDIZE}, got "
+                             f"{self.standardize!r}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0 (it keeps covariances invertible), got {self.eps}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.top_k <= 1:
@@ -99,7 +112,8 @@ class MSFlow(FeatureDetector):
             torch.manual_seed(p.seed)
             return MultiScaleFlow([c for c, _, _ in shapes], [(h, w) for _, h, w in shapes],
                                   [p.blocks] * len(shapes), p.hidden_ratio, p.kernel,
-                                  p.clamp_alpha, p.fusion, p.positional, p.seed)
+                                  p.clamp_alpha, p.fusion, p.positional, p.seed,
+                                  standardize=p.standardize)
 
     def head(self, size: int) -> MSFlowHead:
         return MSFlowHead(self.flow, self.params.pool, size, self.params.smoothing_sigma,
@@ -121,12 +135,8 @@ class MSFlow(FeatureDetector):
         feats = self._pooled_train(train)
         self.shapes_ = [tuple(int(v) for v in f.shape[1:]) for f in feats]
         self.flow = self._build(self.shapes_)
-        means, stds = [], []
-        for f in feats:
-            x = f.double().transpose(0, 1).flatten(1)                  # (C, n*h*w)
-            means.append(x.mean(1).float().numpy())
-            stds.append(x.std(1).clamp_min(1e-6).float().numpy())
-        self.flow.set_standardization(means, stds)
+        means, scales = zip(*(standardization(f, p.standardize, p.eps) for f in feats))
+        self.flow.set_standardization(list(means), list(scales))
         self.flow.to(train.device)
         self.history = {"train_loss": self._train(feats, train.device)}
         self.flow.cpu().eval()
@@ -189,3 +199,28 @@ class MSFlow(FeatureDetector):
         self.flow.load_state_dict(torch.load(directory / "flow.pt", weights_only=True))
         self.flow.eval()
 
+
+
+def standardization(feats: torch.Tensor, mode: str, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale) of one layer's training maps (n, C, h, w) for ``MultiScaleFlow``: the
+    scale is 1/std, or (``whiten``) the transposed inverse Cholesky factor of each position's
+    covariance. ``eps`` x the layer's mean channel variance is added to every variance, so
+    a position whose feature barely varies (a uniform background) is not blown up."""
+    x = feats.double()
+    n, c, h, w = x.shape
+    floor = eps * float(x.var((0, 2, 3)).mean().clamp_min(1e-12))
+    if mode == "channel":
+        return (x.mean((0, 2, 3)).float().numpy(),
+                (1.0 / (x.var((0, 2, 3)) + floor).sqrt()).float().numpy())
+    if mode == "position":
+        return x.mean(0).float().numpy(), (1.0 / (x.var(0) + floor).sqrt()).float().numpy()
+    gaussians = GaussianAccumulator()
+    for start in range(0, n, CHUNK_SIZE):
+        gaussians.add(x[start:start + CHUNK_SIZE].flatten(2).transpose(1, 2))   # (n, P, C)
+    mean, cov = gaussians.mean_and_covariance()                                  # (P, C), (P, C, C)
+    cov = cov + floor * torch.eye(c, dtype=cov.dtype)
+    lower = torch.linalg.cholesky(cov)
+    inverse = torch.linalg.solve_triangular(lower, torch.eye(c, dtype=cov.dtype).expand_as(cov),
+                                            upper=False)                          # L^-1
+    return (mean.T.reshape(c, h, w).float().numpy(),
+            inverse.transpose(1, 2).float().numpy())
