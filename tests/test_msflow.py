@@ -262,3 +262,12 @@ def test_runs_through_the_flow_as_a_child_run_with_its_training_curve(tmp_path, 
     assert main(["run", str(params), "--quiet"]) == 0
     assert sorted((tmp_path / "cache" / "models").iterdir()) == models
     assert [p.stat().st_mtime_ns for p in models] == stamps
+
+
+def test_stacked_layers_make_one_scale_that_also_separates(product):
+    """``stack``: the layers on the first grid, concatenated, as one whitened scale."""
+    _, train, test = product
+    detector = MSFlow(MSFlowParams(**dict(FAST, epochs=4), stack=True)).fit(train)
+    assert detector.shapes_ == [(40 + 112, 8, 8)]
+    scores, _ = detector.score(test)
+    assert image_metrics(test.labels, scores, float(np.median(scores)))["image_auroc"] >= 0.9

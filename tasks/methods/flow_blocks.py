@@ -200,25 +200,34 @@ def pooled(maps: torch.Tensor, window: int) -> torch.Tensor:
     return F.avg_pool2d(maps, window, stride=1, padding=window // 2, count_include_pad=False)
 
 
+def flow_inputs(maps: list[torch.Tensor], pool: int, stack: bool) -> list[torch.Tensor]:
+    """The flow's scales from the backbone layers' maps: each layer pooled, and with
+    ``stack`` all of them on the first layer's grid, concatenated (PaDiM's stacking: one
+    scale whose vectors hold every layer at a place)."""
+    maps = [pooled(m, pool) for m in maps]
+    return [torch.cat(upsample_to_first(maps), 1)] if stack and len(maps) > 1 else maps
+
+
 class MSFlowHead(nn.Module):
     """The detector's whole scoring as one torch module (also what ``defectflow export``
-    writes): 3x3 average pooling of each layer (PatchCore's locally aware features), the
-    flow's per-position NLL of every scale brought to the first layer's grid and summed
-    (the likelihoods multiplied), upsampled and smoothed; the image score is the mean of
-    the ``k`` highest map values (k = 1: the maximum)."""
+    writes): the flow's inputs (``flow_inputs``), its per-position NLL of every scale
+    brought to the first layer's grid and summed (the likelihoods multiplied), upsampled
+    and smoothed; the image score is the mean of the ``k`` highest map values (k = 1: the
+    maximum)."""
 
-    def __init__(self, flow: MultiScaleFlow, pool: int, size: int, sigma: float, k: int):
+    def __init__(self, flow: MultiScaleFlow, pool: int, stack: bool, size: int, sigma: float,
+                 k: int):
         super().__init__()
         self.flow = flow
         self.pool = pool
+        self.stack = stack
         self.k = k
         self.post = MapPost(size, sigma)
 
     def patch_scores(self, maps: list[torch.Tensor]) -> torch.Tensor:
         """(B, h, w) summed NLL per dimension on the first layer's grid."""
-        nll = upsample_to_first([n[:, None] for n in self.flow([pooled(m, self.pool)
-                                                                 for m in maps])])
-        return torch.cat(nll, 1).sum(1)
+        nll = self.flow(flow_inputs(maps, self.pool, self.stack))
+        return torch.cat(upsample_to_first([n[:, None] for n in nll]), 1).sum(1)
 
     def forward(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         anomaly_maps = self.post(self.patch_scores(maps))

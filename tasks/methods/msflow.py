@@ -1,12 +1,23 @@
 """A normalizing-flow detector on cached backbone features (MSFlow / CS-Flow family).
 
-Every backbone layer of the feature store is one scale. Its maps are average-pooled 3x3
-(locally aware, as PatchCore's), standardized per channel with the training images'
-statistics and sent through a flow of its own (affine coupling blocks with 3x3-conv
-subnets), then through one fusion coupling across the scales (``flow_blocks.py``). The
-flow is trained to maximize the likelihood of the good training images' features under a
-standard normal: the loss is the mean over positions of ``0.5 |z|^2 - log|det J|`` per
-dimension (the negative log-likelihood up to a constant).
+Every backbone layer of the feature store is one scale. Its maps (optionally averaged
+``pool`` x ``pool``) are standardized with the training images' statistics and sent
+through a flow of its own (affine coupling blocks with conv subnets), then through one
+fusion coupling across the scales (``flow_blocks.py``). The flow is trained to maximize
+the likelihood of the good training images' features under a standard normal: the loss is
+the mean over positions of ``0.5 |z|^2 - log|det J|`` per dimension (the negative
+log-likelihood up to a constant).
+
+Standardization (``standardize``). A flow shared by all positions sees one density for the
+whole image, but on aligned parts the normal feature depends on the place (PaDiM's
+per-position Gaussians are what make PaDiM strong on Magnetic Tile). The default
+``whiten`` therefore maps each position's features through its own Gaussian first,
+``z0 = L^-1 (x - mu)`` with ``L L^T`` that position's covariance (+ eps, as PaDiM), so the
+untrained flow scores exactly PaDiM's squared Mahalanobis distance, and training learns
+the non-Gaussian rest, shared across positions and, through the fusion, across scales.
+The fixed whitening's own log-determinant is a per-position constant left out of the map,
+as PaDiM's distance leaves it out. ``channel`` and ``position`` standardize with one
+mean/std per channel, or per channel and position (MSFlow's and CFlow's setting).
 
 The anomaly map is that NLL per position: each scale's map brought to the first layer's
 grid and summed (the scales' likelihoods multiplied, MSFlow's "mul" map), upsampled to
@@ -32,7 +43,7 @@ import torch
 
 from .. import cores
 from .base import FeatureDetector, PatchSet
-from .flow_blocks import MSFlowHead, MultiScaleFlow, pooled
+from .flow_blocks import MSFlowHead, MultiScaleFlow, flow_inputs
 from .padim import GaussianAccumulator
 
 CHUNK_SIZE = 64   # images per feature chunk while reading the store
@@ -49,6 +60,10 @@ class MSFlowParams:
     clamp_alpha: float = 1.9           # soft clamping of the log-scales (MSFlow: 1.9)
     positional: int = 0                # channels of the positional condition (0: none)
     pool: int = 1                      # average-pooling window before the flow (1: none)
+    # True: the layers are stacked on the first one's grid into one scale (PaDiM's stacking,
+    # so the whitening and the flow see every layer at a place together); False: one
+    # parallel flow per layer, joined by the fusion coupling (MSFlow).
+    stack: bool = False
     # Standardization before the flow: "channel" (a mean and std per channel), "position"
     # (per channel and grid position) or "whiten" (per position: the mean and the full
     # covariance, PaDiM's Gaussian; the untrained flow then scores PaDiM's Mahalanobis
@@ -116,23 +131,27 @@ class MSFlow(FeatureDetector):
                                   standardize=p.standardize)
 
     def head(self, size: int) -> MSFlowHead:
-        return MSFlowHead(self.flow, self.params.pool, size, self.params.smoothing_sigma,
+        return MSFlowHead(self.flow, self.params.pool, self.params.stack, size,
+                          self.params.smoothing_sigma,
                           top_k_count(self.params.top_k, size)).eval()
 
     # -- fitting ---------------------------------------------------------------
-    def _pooled_train(self, train: PatchSet) -> list[torch.Tensor]:
-        """Each layer's pooled training maps, float16 in memory, (n, C, h, w)."""
-        parts: list[list[torch.Tensor]] = [[] for _ in self.params.layers]
+    def _train_inputs(self, train: PatchSet) -> list[torch.Tensor]:
+        """Each scale's training inputs (``flow_inputs``), float16 in memory, (n, C, h, w)."""
+        parts: list[list[torch.Tensor]] = []
         for _, maps in train.feature_chunks(self.params.layers, chunk_size=CHUNK_SIZE):
-            for layer, part in zip(self.params.layers, parts):
-                part.append(pooled(torch.from_numpy(maps[layer]), self.params.pool).half())
+            scales = flow_inputs([torch.from_numpy(maps[layer]) for layer in self.params.layers],
+                                 self.params.pool, self.params.stack)
+            parts = parts or [[] for _ in scales]
+            for part, scale in zip(parts, scales):
+                part.append(scale.half())
         return [torch.cat(part) for part in parts]
 
     def fit(self, train: PatchSet) -> "MSFlow":
         p = self.params
         if len(train) < 2:
             raise ValueError(f"the flow needs at least 2 training images, got {len(train)}")
-        feats = self._pooled_train(train)
+        feats = self._train_inputs(train)
         self.shapes_ = [tuple(int(v) for v in f.shape[1:]) for f in feats]
         self.flow = self._build(self.shapes_)
         means, scales = zip(*(standardization(f, p.standardize, p.eps) for f in feats))
