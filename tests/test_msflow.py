@@ -26,8 +26,9 @@ from defectflow.tasks.patches import plan_patches
 
 LAYERS = ("blocks.2", "blocks.4")
 SIZE = 64
-# Small and short: the generated set has 24 training images of 8x8 + 4x4 positions.
-FAST = dict(layers=LAYERS, blocks=2, epochs=12, batch_size=4, learning_rate=2e-3)
+# Small and short: the generated set has 24 training images of 8x8 + 4x4 positions; one
+# parallel flow per layer and the fusion (``stack`` has its own test).
+FAST = dict(layers=LAYERS, blocks=2, epochs=12, batch_size=4, learning_rate=2e-3, stack=False)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -267,7 +268,7 @@ def test_runs_through_the_flow_as_a_child_run_with_its_training_curve(tmp_path, 
 def test_stacked_layers_make_one_scale_that_also_separates(product):
     """``stack``: the layers on the first grid, concatenated, as one whitened scale."""
     _, train, test = product
-    detector = MSFlow(MSFlowParams(**dict(FAST, epochs=4), stack=True)).fit(train)
+    detector = MSFlow(MSFlowParams(**dict(FAST, epochs=4, stack=True))).fit(train)
     assert detector.shapes_ == [(40 + 112, 8, 8)]
     scores, _ = detector.score(test)
     assert image_metrics(test.labels, scores, float(np.median(scores)))["image_auroc"] >= 0.9
