@@ -11,18 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from defectflow.tasks import datasets, features as features_mod
 from defectflow.tasks.evaluation import image_metrics, pixel_metrics
-from defectflow.tasks.feature_settings import FeatureSettings
 from defectflow.tasks.images import read_mask
-from defectflow.tasks.methods import PatchSet
 from defectflow.tasks.methods.flow_blocks import (CouplingBlock, MultiScaleFlow,
                                                   positional_encoding, soft_clamp)
 from defectflow.tasks.methods.msflow import MSFlow, MSFlowParams, standardization
 from defectflow.tasks.methods.padim import GaussianAccumulator, mahalanobis
-from defectflow.tasks.normalization import channel_stats
 from defectflow.tasks.params import load_params
-from defectflow.tasks.patches import plan_patches
 
 LAYERS = ("blocks.2", "blocks.4")
 SIZE = 64
@@ -42,24 +37,9 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def product(tmp_path_factory):
-    from conftest import make_folder_dataset
+    from conftest import product_feature_sets
 
-    tmp = tmp_path_factory.mktemp("msflow")
-    root = make_folder_dataset(tmp / "product", n_good=30, n_bad=8)
-    manifest = datasets.scan_dataset("folder", root).manifest
-    patches = plan_patches(manifest)
-    paths = dict(zip(manifest.image_id, manifest.path))
-    stats = channel_stats(patches[patches.split == "train"], paths)
-    store = features_mod.extract_features(
-        patches, manifest, FeatureSettings(layers=LAYERS, input_size=SIZE),
-        mean=stats["mean"], std=stats["std"], cache_dir=tmp / "cache", progress=False)
-
-    def subset(split):
-        pos = np.flatnonzero((patches["split"] == split).to_numpy())
-        return PatchSet(patches.iloc[pos].reset_index(drop=True), store, pos, paths, SIZE,
-                        tuple(stats["mean"]), tuple(stats["std"]))
-
-    return manifest, subset("train"), subset("test")
+    return product_feature_sets(tmp_path_factory.mktemp("msflow"), LAYERS, SIZE)
 
 
 @pytest.fixture(scope="module")
