@@ -13,10 +13,9 @@ import torch
 
 from defectflow.tasks.evaluation import image_metrics, pixel_metrics
 from defectflow.tasks.images import read_mask
-from defectflow.tasks.methods.flow_blocks import (CouplingBlock, MultiScaleFlow,
+from defectflow.tasks.methods.flow_blocks import (MAX_NLL, CouplingBlock, MultiScaleFlow,
                                                   positional_encoding, soft_clamp)
 from defectflow.tasks.methods.msflow import MSFlow, MSFlowParams, standardization
-from defectflow.tasks.methods.padim import GaussianAccumulator, mahalanobis
 from defectflow.tasks.params import load_params
 
 LAYERS = ("blocks.2", "blocks.4")
@@ -97,12 +96,15 @@ def test_untrained_flow_gives_the_standard_normal_nll_of_standardized_features()
     torch.testing.assert_close(nll[1], 0.5 * (x[1] ** 2).sum(1) / 4)
 
 
-def test_untrained_whitened_flow_scores_padim_mahalanobis_distance():
-    """``standardize: whiten`` makes each position's Gaussian (mean, covariance + eps) the
-    start: the untrained flow's NLL per dimension is PaDiM's squared distance / 2C."""
+def test_untrained_whitened_flow_scores_the_mahalanobis_distance_of_each_position():
+    """``standardize: whiten`` makes each position's Gaussian (mean, Ledoit-Wolf shrunk
+    covariance + eps) the start: the untrained flow's NLL per dimension is the squared
+    Mahalanobis distance / 2C, with scikit-learn's Ledoit-Wolf estimate as the reference."""
+    from sklearn.covariance import ledoit_wolf
+
     rng = np.random.default_rng(0)
     mixing = rng.normal(size=(5, 5))
-    train = torch.from_numpy(np.einsum("nphw,cp->nchw", rng.normal(size=(200, 5, 3, 2)),
+    train = torch.from_numpy(np.einsum("nphw,cp->nchw", rng.normal(size=(12, 5, 3, 2)),
                                        mixing).astype(np.float32))
     test = torch.from_numpy(rng.normal(size=(4, 5, 3, 2)).astype(np.float32) * 2)
     mean, scale = standardization(train, "whiten", eps=0.01)
@@ -110,15 +112,25 @@ def test_untrained_whitened_flow_scores_padim_mahalanobis_distance():
                           standardize="whiten")
     flow.set_standardization([mean], [scale])
     with torch.no_grad():
-        nll = flow([test])[0]                                     # (4, 3, 2)
+        nll = flow([test])[0].flatten(1).numpy()                  # (4, 6)
 
-    gaussians = GaussianAccumulator()
-    gaussians.add(train.flatten(2).transpose(1, 2))
     floor = 0.01 * float(train.double().var((0, 2, 3)).mean())
-    mu, inverse = gaussians.mean_and_inverse_covariance(floor)
-    distance = mahalanobis(test.flatten(2).transpose(1, 2), torch.from_numpy(mu),
-                           torch.from_numpy(inverse))              # (4, 6)
-    torch.testing.assert_close(nll.flatten(1), distance ** 2 / (2 * 5), rtol=1e-4, atol=1e-4)
+    vectors = train.double().flatten(2).numpy()                   # (n, C, P)
+    for p in range(6):
+        cov = ledoit_wolf(vectors[:, :, p])[0] + floor * np.eye(5)
+        diff = test.double().flatten(2).numpy()[:, :, p] - vectors[:, :, p].mean(0)
+        distance = np.einsum("nc,cd,nd->n", diff, np.linalg.inv(cov), diff)
+        np.testing.assert_allclose(nll[:, p], distance / (2 * 5), rtol=1e-4)
+
+
+def test_maps_saturate_where_float16_storage_would_overflow(product, fitted):
+    _, _, test = product
+    _, chunk = next(test.feature_chunks(LAYERS))
+    wild = [torch.from_numpy(chunk[layer]) * 1e4 for layer in LAYERS]
+    with torch.no_grad():
+        scores, maps = fitted.torch_head(SIZE)(wild)
+    assert torch.isfinite(maps.half()).all() and float(maps.max()) <= MAX_NLL * 1.0001
+    assert float(scores.min()) > 100      # saturated, still far above any good image
 
 
 def test_positional_encoding_tells_every_position_apart():

@@ -192,6 +192,9 @@ class MultiScaleFlow(nn.Module):
         return [(0.5 * (z * z).sum(1) - ld) / c for z, ld, c in zip(xs, logdets, self.channels)]
 
 
+MAX_NLL = 30000.0   # nats per dimension where the anomaly map saturates (float16-safe)
+
+
 def pooled(maps: torch.Tensor, window: int) -> torch.Tensor:
     """``window`` x ``window`` average of each position's neighbourhood, stride 1, the
     border averaging only the positions inside the map (window 1: unchanged)."""
@@ -227,7 +230,11 @@ class MSFlowHead(nn.Module):
     def patch_scores(self, maps: list[torch.Tensor]) -> torch.Tensor:
         """(B, h, w) summed NLL per dimension on the first layer's grid."""
         nll = self.flow(flow_inputs(maps, self.pool, self.stack))
-        return torch.cat(upsample_to_first([n[:, None] for n in nll]), 1).sum(1)
+        summed = torch.cat(upsample_to_first([n[:, None] for n in nll]), 1).sum(1)
+        # A feature far outside the training data can reach millions of nats (the shifts
+        # grow with the input); the maps are stored as float16 (max 65504), so the NLL
+        # saturates at MAX_NLL, thousands of times any good image's value (about 0.5).
+        return summed.clamp(max=MAX_NLL)
 
     def forward(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         anomaly_maps = self.post(self.patch_scores(maps))
