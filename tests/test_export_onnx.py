@@ -73,8 +73,13 @@ def assert_parity(exported: pd.DataFrame, reference: pd.DataFrame) -> None:
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 @pytest.mark.parametrize("method", EXPORTED)
-def test_exported_model_scores_as_the_pyfunc(registered, tmp_path, method, fmt):
+def test_exported_model_scores_as_the_pyfunc(registered, tmp_path, capsys, method, fmt):
     tmp, uri, paths = registered
+    if fmt in METHODS[method].format_refusals:       # refused in one line, exit code 2
+        assert main(["export", "--model", f"{model_name(method)}@champion", "--format", fmt,
+                     "--out", str(tmp_path / fmt), "--tracking-uri", uri]) == 2
+        assert f"cannot be exported to {fmt}: " in capsys.readouterr().err
+        return
     from mlflow.tracking import MlflowClient
 
     from defectflow.tasks.tracking import load_model
