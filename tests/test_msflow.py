@@ -114,7 +114,7 @@ def test_untrained_whitened_flow_scores_the_mahalanobis_distance_of_each_positio
     with torch.no_grad():
         nll = flow([test])[0].flatten(1).numpy()                  # (4, 6)
 
-    floor = 0.01 * float(train.double().var((0, 2, 3)).mean())
+    floor = 0.01 * float(train.double().var((0, 2, 3), unbiased=False).mean())
     vectors = train.double().flatten(2).numpy()                   # (n, C, P)
     for p in range(6):
         cov = ledoit_wolf(vectors[:, :, p])[0] + floor * np.eye(5)

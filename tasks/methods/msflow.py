@@ -232,19 +232,29 @@ def standardization(feats: torch.Tensor, mode: str, eps: float) -> tuple[np.ndar
     scale is 1/std, or (``whiten``) the transposed inverse Cholesky factor of each position's
     covariance. ``eps`` x the layer's mean channel variance is added to every variance, so
     a position whose feature barely varies (a uniform background) is not blown up."""
-    x = feats.double()
-    n, c, h, w = x.shape
-    floor = eps * float(x.var((0, 2, 3)).mean().clamp_min(1e-12))
+    n, c, h, w = feats.shape
+    # float64 sums over chunks: a float64 copy of all maps would be 4x the float16 ones.
+    total, squares = torch.zeros(c, h, w, dtype=torch.float64), torch.zeros(c, h, w,
+                                                                           dtype=torch.float64)
+    for x in _chunks(feats):
+        total += x.sum(0)
+        squares += (x * x).sum(0)
+    position_mean = total / n
+    channel_mean = position_mean.mean((1, 2))
+    channel_var = squares.sum((1, 2)) / (n * h * w) - channel_mean ** 2
+    floor = eps * float(channel_var.mean().clamp_min(1e-12))
     if mode == "channel":
-        return (x.mean((0, 2, 3)).float().numpy(),
-                (1.0 / (x.var((0, 2, 3)) + floor).sqrt()).float().numpy())
+        return (channel_mean.float().numpy(),
+                (1.0 / (channel_var.clamp_min(0) + floor).sqrt()).float().numpy())
     if mode == "position":
-        return x.mean(0).float().numpy(), (1.0 / (x.var(0) + floor).sqrt()).float().numpy()
+        position_var = (squares / n - position_mean ** 2).clamp_min(0)
+        return (position_mean.float().numpy(),
+                (1.0 / (position_var + floor).sqrt()).float().numpy())
     gaussians = GaussianAccumulator()
-    for start in range(0, n, CHUNK_SIZE):
-        gaussians.add(x[start:start + CHUNK_SIZE].flatten(2).transpose(1, 2))   # (n, P, C)
+    for x in _chunks(feats):
+        gaussians.add(x.flatten(2).transpose(1, 2))                              # (k, P, C)
     mean, cov = gaussians.mean_and_covariance()                                  # (P, C), (P, C, C)
-    cov = ledoit_wolf(x, mean, cov * (n - 1) / n) + floor * torch.eye(c, dtype=cov.dtype)
+    cov = ledoit_wolf(feats, mean, cov * (n - 1) / n) + floor * torch.eye(c, dtype=cov.dtype)
     lower = torch.linalg.cholesky(cov)
     inverse = torch.linalg.solve_triangular(lower, torch.eye(c, dtype=cov.dtype).expand_as(cov),
                                             upper=False)                          # L^-1
@@ -259,9 +269,9 @@ def ledoit_wolf(x: torch.Tensor, mean: torch.Tensor, sample_cov: torch.Tensor) -
     images did not span; the shrinkage grows as the images get fewer (1 when n << C),
     and is small when they are many."""
     n, c = x.shape[:2]
-    fourth = torch.zeros(mean.shape[0], dtype=x.dtype)                     # sum_k |x_k|^4
-    for start in range(0, n, CHUNK_SIZE):
-        diff = x[start:start + CHUNK_SIZE].flatten(2).transpose(1, 2) - mean  # (k, P, C)
+    fourth = torch.zeros(mean.shape[0], dtype=torch.float64)               # sum_k |x_k|^4
+    for chunk in _chunks(x):
+        diff = chunk.flatten(2).transpose(1, 2) - mean                      # (k, P, C)
         fourth += ((diff * diff).sum(-1) ** 2).sum(0)
     mu = torch.diagonal(sample_cov, dim1=1, dim2=2).sum(-1) / c              # (P,)
     squared = (sample_cov * sample_cov).sum((1, 2))                          # |S|_F^2
@@ -269,4 +279,10 @@ def ledoit_wolf(x: torch.Tensor, mean: torch.Tensor, sample_cov: torch.Tensor) -
     spread = (fourth / n ** 2 - squared / n).clamp_min(0)
     shrinkage = (torch.minimum(spread, distance) / distance)[:, None, None]
     return (1 - shrinkage) * sample_cov + shrinkage * mu[:, None, None] * torch.eye(
-        c, dtype=x.dtype)
+        c, dtype=torch.float64)
+
+
+def _chunks(feats: torch.Tensor):
+    """``feats`` (n, ...) in float64 pieces of CHUNK_SIZE images."""
+    for start in range(0, len(feats), CHUNK_SIZE):
+        yield feats[start:start + CHUNK_SIZE].double()
