@@ -95,3 +95,23 @@ def prepared_product(root: Path, n_good: int = 30, n_bad: int = 8):
     paths = dict(zip(manifest.image_id, manifest.path))
     stats = channel_stats(patches[patches.split == "train"], paths)
     return manifest, patches, paths, stats
+
+
+def product_feature_sets(root: Path, layers, size: int = 64):
+    """A generated folder dataset with its features extracted: (manifest, train PatchSet,
+    test PatchSet), for the detectors that read the feature store."""
+    from defectflow.tasks import features
+    from defectflow.tasks.feature_settings import FeatureSettings
+    from defectflow.tasks.methods import PatchSet
+
+    manifest, patches, paths, stats = prepared_product(root / "product")
+    store = features.extract_features(
+        patches, manifest, FeatureSettings(layers=tuple(layers), input_size=size),
+        mean=stats["mean"], std=stats["std"], cache_dir=root / "cache", progress=False)
+
+    def subset(split):
+        pos = np.flatnonzero((patches["split"] == split).to_numpy())
+        return PatchSet(patches.iloc[pos].reset_index(drop=True), store, pos, paths, size,
+                        tuple(stats["mean"]), tuple(stats["std"]))
+
+    return manifest, subset("train"), subset("test")

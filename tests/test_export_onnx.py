@@ -25,14 +25,14 @@ for _module in ("onnx", "onnxruntime", "openvino"):
 from conftest import make_folder_dataset  # noqa: E402
 from defectflow.cli import main  # noqa: E402
 from defectflow.tasks.errors import DefectflowError  # noqa: E402
-from defectflow.tasks.methods import METHODS, PaDiM, PatchCore  # noqa: E402
+from defectflow.tasks.methods import METHODS, MSFlow, PaDiM, PatchCore  # noqa: E402
 from defectflow.tasks.serving.exported import ExportedScorer  # noqa: E402
 from defectflow.tasks.serving.onnx_export import export_folder  # noqa: E402
 from test_flow import write_params  # noqa: E402
 from test_score_inbox import _inbox  # noqa: E402
 
 PREFIX = "dfx"
-EXPORTED = [PatchCore.name, PaDiM.name]
+EXPORTED = [PatchCore.name, PaDiM.name, MSFlow.name]
 
 
 def model_name(method: str) -> str:
@@ -41,12 +41,15 @@ def model_name(method: str) -> str:
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
-    """PatchCore and PaDiM trained on generated images, registered with alias champion."""
+    """PatchCore, PaDiM and MSFlow trained on generated images, registered with alias
+    champion."""
     tmp = tmp_path_factory.mktemp("export")
     data = make_folder_dataset(tmp / "product", n_good=30, n_bad=8)
     params = write_params(tmp, data, registry={"enabled": True, "name_prefix": PREFIX},
                           methods={PatchCore.name: {"coreset_ratio": 0.5},
-                                   PaDiM.name: {"n_channels": 40}},
+                                   PaDiM.name: {"n_channels": 40},
+                                   MSFlow.name: {"blocks": 2, "epochs": 8, "batch_size": 4,
+                                                 "positional": 4}},
                           fusion={"enabled": False})
     assert main(["run", str(params), "--quiet"]) == 0
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -70,8 +73,13 @@ def assert_parity(exported: pd.DataFrame, reference: pd.DataFrame) -> None:
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 @pytest.mark.parametrize("method", EXPORTED)
-def test_exported_model_scores_as_the_pyfunc(registered, tmp_path, method, fmt):
+def test_exported_model_scores_as_the_pyfunc(registered, tmp_path, capsys, method, fmt):
     tmp, uri, paths = registered
+    if fmt in METHODS[method].format_refusals:       # refused in one line, exit code 2
+        assert main(["export", "--model", f"{model_name(method)}@champion", "--format", fmt,
+                     "--out", str(tmp_path / fmt), "--tracking-uri", uri]) == 2
+        assert f"cannot be exported to {fmt}: " in capsys.readouterr().err
+        return
     from mlflow.tracking import MlflowClient
 
     from defectflow.tasks.tracking import load_model

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Top-level folders -> the package each becomes once installed (pyproject.toml package-dir).
 PACKAGES = {"defectflow": "defectflow", "tasks": "defectflow.tasks", "flows": "defectflow.flows"}
 MAX_LINES = 450
-METHOD_NAMES = ("patchcore", "padim", "cutpaste", "classifier", "ensemble", "segad_fusion")
+METHOD_NAMES = ("patchcore", "padim", "cutpaste", "classifier", "ensemble", "msflow",
+                "segad_fusion")
 
 
 def modules() -> dict[str, Path]:

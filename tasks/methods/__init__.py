@@ -10,11 +10,13 @@ from .base import Detector, FeatureDetector, PatchSet
 from .classifier import FineTunedClassifier
 from .cutpaste import CutPaste
 from .ensemble import FeatureEnsemble
+from .msflow import MSFlow
 from .padim import PaDiM
 from .patchcore import PatchCore
 
 METHODS: dict[str, type[Detector]] = {
-    cls.name: cls for cls in (PatchCore, PaDiM, CutPaste, FineTunedClassifier, FeatureEnsemble)
+    cls.name: cls for cls in (PatchCore, PaDiM, CutPaste, FineTunedClassifier, FeatureEnsemble,
+                               MSFlow)
 }
 
 
@@ -70,4 +72,4 @@ def _closure(start: Path) -> tuple[tuple[str, bytes], ...]:
 
 __all__ = ["Detector", "FeatureDetector", "PatchSet", "PatchCore", "PaDiM", "CutPaste",
            "FineTunedClassifier",
-           "FeatureEnsemble", "METHODS", "source_hash"]
+           "FeatureEnsemble", "MSFlow", "METHODS", "source_hash"]

@@ -105,6 +105,8 @@ class Detector:
     # Why ``torch_head`` is missing (None where it exists): the one-line reason an export
     # of this detector (tasks/serving/onnx_export.py) is refused with.
     export_refusal: ClassVar[str | None] = "its scoring has no torch form to export"
+    # Export formats this detector is refused in although it has a torch form: {format: why}.
+    format_refusals: ClassVar[dict[str, str]] = {}
 
     def __init__(self, params: Any = None):
         self.params = params if params is not None else self.Params()

@@ -140,6 +140,10 @@ def export_folder(folder: str | Path, fmt: str, out: str | Path) -> Path:
         raise DefectflowError(f"exporting needs the optional packages of the 'export' extra "
                               f"(pip install -e '.[export]'): {exc}") from None
     graph, config, detector = build_graph(folder)
+    refusal = type(detector).format_refusals.get(fmt)
+    if refusal:
+        raise DefectflowError(f"a {detector.name} detector cannot be exported to {fmt}: "
+                              f"{refusal}", folder)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     size = config.features.input_size
