@@ -58,7 +58,9 @@ def scene(tmp_path_factory):
 def pixel_auroc(scene, detector) -> float:
     manifest, train, test, test_rows = scene
     _, maps = detector.fit(train).score(test)
-    return patch_pixel_metrics(test_rows, maps, manifest)["pixel_auroc"]
+    value = patch_pixel_metrics(test_rows, maps, manifest)["pixel_auroc"]
+    print(f"{type(detector).__name__} {detector.params}: pixel AUROC {value:.3f}")
+    return value
 
 
 def test_generated_scene_is_dark_and_defects_lie_on_the_object():
