@@ -78,6 +78,63 @@ def make_folder_dataset(root: Path, n_good: int = 30, n_bad: int = 8, size: int 
     return root
 
 
+def object_on_dark_image(rng: np.random.Generator, height: int = 600, width: int = 800,
+                         defect: bool = False, depth: float = 0.3,
+                         shift: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
+    """One textured object in the middle of a large, dark, nearly uniform background, as a
+    camera gives it (RGB uint8, mask uint8): the object shifts by up to ``shift`` of the
+    frame between images, and the background level, the gain and the sensor noise vary a
+    little per image. A defect is subtle and on the object only: a soft-edged dent that
+    darkens the texture by ``depth`` (30%: about the grooves' own contrast, no saturated
+    blob)."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    cy = height / 2 + rng.uniform(-shift, shift) * height
+    cx = width / 2 + rng.uniform(-shift, shift) * width
+    ry, rx = 0.22 * height, 0.2 * width
+    # Soft-edged ellipse: the object covers about an eighth of the frame.
+    inside = np.clip(1.0 - (np.hypot((yy - cy) / ry, (xx - cx) / rx) - 1.0) * min(ry, rx) / 2,
+                     0.0, 1.0)
+    period = 0.03 * height                                  # machined grooves, at a fixed angle
+    grooves = np.sin(2 * np.pi * ((xx - cx) * 0.8 + (yy - cy) * 0.6) / period
+                     + rng.uniform(-0.3, 0.3))
+    grain = cv2.GaussianBlur(rng.normal(0, 1, (height, width)).astype(np.float32), (0, 0), 1.5)
+    surface = 120 + 30 * grooves + 12 * grain
+    mask = np.zeros((height, width), np.uint8)
+    if defect:
+        # Inside the object, away from its rim.
+        angle, radius = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.55)
+        dy, dx = cy + radius * ry * np.sin(angle), cx + radius * rx * np.cos(angle)
+        size = rng.uniform(0.035, 0.06) * height
+        dent = np.exp(-0.5 * (np.hypot(yy - dy, xx - dx) / size) ** 4)
+        surface = surface * (1 - depth * dent)
+        mask[(dent > 0.3) & (inside > 0.5)] = 255
+    background = rng.uniform(8, 14)                          # level varies per image
+    gain = rng.uniform(0.95, 1.05)                           # exposure / gain drift
+    noise = rng.uniform(1.0, 2.0)                            # sensor noise, per image
+    gray = gain * (inside * surface + (1 - inside) * background)
+    gray = gray + rng.normal(0, noise, (height, width))
+    gray = np.clip(np.round(gray), 0, 255).astype(np.uint8)
+    return np.repeat(gray[:, :, None], 3, axis=2), mask
+
+
+def make_object_on_dark_dataset(root: Path, n_good: int = 30, n_bad: int = 8,
+                                height: int = 600, width: int = 800, seed: int = 0,
+                                depth: float = 0.3, shift: float = 0.15) -> Path:
+    """The folder layout of :func:`object_on_dark_image` images: good/, dent/, masks/dent/."""
+    rng = np.random.default_rng(seed)
+    for folder in ("good", "dent", "masks/dent"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for i in range(n_good):
+        cv2.imwrite(str(root / "good" / f"g{i:03d}.png"),
+                    object_on_dark_image(rng, height, width, shift=shift)[0])
+    for i in range(n_bad):
+        image, mask = object_on_dark_image(rng, height, width, defect=True, depth=depth,
+                                           shift=shift)
+        cv2.imwrite(str(root / "dent" / f"d{i:03d}.png"), image)
+        cv2.imwrite(str(root / "masks" / "dent" / f"d{i:03d}.png"), mask)
+    return root
+
+
 @pytest.fixture
 def folder_dataset(tmp_path: Path) -> Path:
     return make_folder_dataset(tmp_path / "product")

@@ -64,7 +64,9 @@ def test_padim_gaussians_and_mahalanobis_equal_a_direct_numpy_computation():
     rng = np.random.default_rng(0)
     train_maps, test_maps = hand_made_maps(rng, 40), hand_made_maps(rng, 5)
     test_maps["a"][0, 1, 0, 1] += 8.0          # an outlier at position (0, 1) of image 0
-    params = PaDiMParams(layers=("a", "b"), n_channels=5, eps=0.01, smoothing_sigma=0)
+    # shrinkage 0: the paper's Sigma + eps I (the shrunk default is checked below).
+    params = PaDiMParams(layers=("a", "b"), n_channels=5, eps=0.01, shrinkage=0.0,
+                         smoothing_sigma=0)
     # input_size 2 = the grid, so upsampling is the identity and the map is the distance map.
     detector = PaDiM(params).fit(array_set(train_maps, 2))
     assert detector.channels.tolist() == [0, 1, 2, 3, 4]
@@ -83,6 +85,28 @@ def test_padim_gaussians_and_mahalanobis_equal_a_direct_numpy_computation():
     np.testing.assert_allclose(maps, expected, rtol=1e-4)
     np.testing.assert_allclose(scores, expected.reshape(len(q), -1).max(axis=1), rtol=1e-4)
     assert np.unravel_index(maps[0].argmax(), (2, 2)) == (0, 1) and scores[0] > scores[1:].max()
+
+
+def test_padim_shrinks_each_covariance_toward_the_pooled_one():
+    rng = np.random.default_rng(5)
+    train_maps = hand_made_maps(rng, 12)
+    x = stacked(train_maps)                                       # (12, 4, 5)
+    covs = np.stack([np.cov(x[:, p].T) for p in range(4)])
+    pooled = covs.mean(axis=0)
+
+    def inverses(**kwargs):
+        params = PaDiMParams(layers=("a", "b"), n_channels=5, smoothing_sigma=0, **kwargs)
+        return PaDiM(params).fit(array_set(train_maps, 2)).inverse_cov
+
+    # Default: the weight of d pseudo-images against n - 1 degrees of freedom, 5 / (5 + 11).
+    a = 5 / 16
+    for p, inverse in enumerate(inverses()):
+        expected = np.linalg.inv((1 - a) * covs[p] + a * pooled + 0.01 * np.eye(5))
+        np.testing.assert_allclose(inverse, expected, rtol=1e-4, atol=1e-5)
+    # Full shrinkage: one covariance for every position.
+    shared = inverses(shrinkage=1.0)
+    np.testing.assert_allclose(shared, np.broadcast_to(shared[0], shared.shape), rtol=1e-5)
+    np.testing.assert_allclose(shared[0], np.linalg.inv(pooled + 0.01 * np.eye(5)), rtol=1e-4)
 
 
 def test_padim_channel_subset_is_seeded_and_capped():
@@ -127,7 +151,8 @@ def test_truncated_l1_loss_is_zero_past_the_margin():
 
 def test_params_reject_bad_values():
     for bad in (dict(layers=()), dict(layers=("a", "a")), dict(layers=("a", "b", "c", "d")),
-                dict(n_channels=0), dict(eps=0), dict(smoothing_sigma=-1)):
+                dict(n_channels=0), dict(eps=0), dict(smoothing_sigma=-1), dict(shrinkage=1.5),
+                dict(shrinkage=-0.1)):
         with pytest.raises(ValueError):
             PaDiMParams(**bad)
     for bad in (dict(layers=()), dict(layers=("a", "a")), dict(n_components=0), dict(epochs=0),

@@ -4,7 +4,18 @@ Feature maps of two or three backbone layers are upsampled bilinearly to the
 first (shallowest) layer's grid and concatenated; a seeded random subset of
 the channels is kept (the paper's random dimensionality reduction). At every
 grid position (i, j) a multivariate Gaussian N(mu_ij, Sigma_ij + eps I) is
-fitted to the training images' features there. A test feature's anomaly
+fitted to the training images' features there.
+
+Sigma_ij is the sample covariance shrunk toward the pooled covariance of all
+positions, (1 - a) S_ij + a S_pooled, as in regularized discriminant analysis
+(Friedman 1989); this is the posterior mean under an inverse-Wishart prior
+centred on S_pooled that weighs as much as d extra images, so a = d / (d + n - 1)
+by default. The paper's S_ij + 0.01 I alone breaks where a position's features
+barely vary in training (a dark, uniform background; a rim the object moves
+across; any position when n < d): their covariance has directions of almost
+zero variance, 0.01 is hundreds of times below the variance of this backbone's
+features, and sensor noise or a small drift there becomes a huge Mahalanobis
+distance: the map lit the background, not the defect (issue 19). A test feature's anomaly
 score is its Mahalanobis distance to the Gaussian of its own position; the
 distance map is upsampled to the input size and smoothed (sigma 4), and the
 image score is the map's maximum.
@@ -35,6 +46,9 @@ class PaDiMParams:
     layers: tuple[str, ...] = ("blocks.2", "blocks.4")
     n_channels: int = 100              # random channel subset (the paper's d); capped at the total
     eps: float = 0.01                  # covariance regularization eps * I, as in the paper
+    # Weight a of the pooled covariance in (1 - a) S_ij + a S_pooled; None: d / (d + n - 1),
+    # an inverse-Wishart prior worth d images (d channels, n training images). 0: the paper.
+    shrinkage: float | None = None
     smoothing_sigma: float = 4.0       # Gaussian blur of the upsampled anomaly map
     seed: int = 0
 
@@ -45,6 +59,9 @@ class PaDiMParams:
             raise ValueError(f"PaDiM needs 1 to 3 distinct layers, got {self.layers}")
         if self.n_channels < 1:
             raise ValueError(f"n_channels must be >= 1, got {self.n_channels}")
+        if self.shrinkage is not None and not 0 <= self.shrinkage <= 1:
+            raise ValueError(f"shrinkage must be from 0 to 1 (or null: automatic), "
+                             f"got {self.shrinkage}")
         if not self.eps > 0:
             raise ValueError(f"eps must be > 0 (it keeps covariances invertible), got {self.eps}")
         if self.smoothing_sigma < 0:
@@ -98,10 +115,20 @@ class GaussianAccumulator:
         cov = (self.outer - n * centred_mean[:, :, None] * centred_mean[:, None, :]) / max(n - 1, 1)
         return self.shift + centred_mean, cov
 
-    def mean_and_inverse_covariance(self, eps: float) -> tuple[np.ndarray, np.ndarray]:
-        """Mean (p, d) and inverse of (sample covariance + eps I) (p, d, d), float32."""
+    def mean_and_inverse_covariance(self, eps: float, shrinkage: float | None = 0.0
+                                    ) -> tuple[np.ndarray, np.ndarray]:
+        """Mean (p, d) and inverse of (shrunk sample covariance + eps I) (p, d, d), float32.
+
+        ``shrinkage`` a: (1 - a) S + a S_pooled, S_pooled the mean of all positions'
+        covariances; None: a = d / (d + n - 1).
+        """
         mean, cov = self.mean_and_covariance()
-        cov = cov + eps * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+        d = cov.shape[-1]
+        if shrinkage is None:
+            shrinkage = d / (d + max(self.count - 1, 0))
+        if shrinkage > 0:
+            cov = (1 - shrinkage) * cov + shrinkage * cov.mean(dim=0, keepdim=True)
+        cov = cov + eps * torch.eye(d, dtype=cov.dtype, device=cov.device)
         inverse = torch.linalg.inv(cov)
         inverse = 0.5 * (inverse + inverse.transpose(1, 2))          # exact symmetry after rounding
         return mean.float().cpu().numpy(), inverse.float().cpu().numpy()
@@ -153,7 +180,8 @@ class PaDiM(FeatureDetector):
         gaussians = GaussianAccumulator()
         for _, maps in train.feature_chunks(self.params.layers, chunk_size=CHUNK_SIZE):
             gaussians.add(self._features(maps, train.device))
-        self.mean, self.inverse_cov = gaussians.mean_and_inverse_covariance(self.params.eps)
+        self.mean, self.inverse_cov = gaussians.mean_and_inverse_covariance(self.params.eps,
+                                                                          self.params.shrinkage)
         return self
 
     # -- scoring ---------------------------------------------------------------
