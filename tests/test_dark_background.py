@@ -15,7 +15,7 @@ import torch
 from defectflow.tasks import datasets, features as features_mod
 from defectflow.tasks.evaluation.localization import patch_pixel_metrics
 from defectflow.tasks.feature_settings import FeatureSettings
-from defectflow.tasks.methods import FeatureEnsemble, PaDiM, PatchCore, PatchSet
+from defectflow.tasks.methods import FeatureEnsemble, MSFlow, PaDiM, PatchCore, PatchSet
 from defectflow.tasks.normalization import channel_stats
 from defectflow.tasks.patches import plan_patches
 
@@ -73,7 +73,8 @@ def test_generated_scene_is_dark_and_defects_lie_on_the_object():
     assert gray[mask > 0].max() < 250 and gray[mask > 0].min() > 5  # subtle, not saturated
 
 
-@pytest.mark.parametrize("make", [lambda: PaDiM(), lambda: PatchCore()], ids=["padim", "patchcore"])
+@pytest.mark.parametrize("make", [lambda: PaDiM(), lambda: PatchCore(), lambda: MSFlow()],
+                         ids=["padim", "patchcore", "msflow"])
 def test_feature_detectors_point_at_the_defect(scene, make):
     assert pixel_auroc(scene, make()) >= BAR
 

@@ -61,8 +61,12 @@ def registered(tmp_path_factory):
 
 def assert_parity(exported: pd.DataFrame, reference: pd.DataFrame) -> None:
     threshold = float(reference["threshold"].iloc[0])
-    gap = np.abs(exported["score"].to_numpy() - reference["score"].to_numpy())
-    assert gap.max() <= 1e-3 * abs(threshold), (gap.max(), threshold)
+    theirs = reference["score"].to_numpy()
+    gap = np.abs(exported["score"].to_numpy() - theirs)
+    # Within 1e-3 of the threshold; a score far above it (a flow's NLL of an obvious defect
+    # reaches thousands) within float32's relative rounding of its own size.
+    assert (gap <= np.maximum(1e-3 * abs(threshold), 1e-5 * np.abs(theirs))).all(), (
+        gap.max(), threshold, theirs[gap.argmax()])
     assert list(exported["verdict"]) == list(reference["verdict"])
     assert float(exported["threshold"].iloc[0]) == threshold
     for ours, theirs in zip(exported["anomaly_map"], reference["anomaly_map"]):

@@ -97,11 +97,9 @@ def test_untrained_flow_gives_the_standard_normal_nll_of_standardized_features()
 
 
 def test_untrained_whitened_flow_scores_the_mahalanobis_distance_of_each_position():
-    """``standardize: whiten`` makes each position's Gaussian (mean, Ledoit-Wolf shrunk
-    covariance + eps) the start: the untrained flow's NLL per dimension is the squared
-    Mahalanobis distance / 2C, with scikit-learn's Ledoit-Wolf estimate as the reference."""
-    from sklearn.covariance import ledoit_wolf
-
+    """``standardize: whiten`` makes each position's Gaussian (mean, covariance shrunk toward
+    the pooled one as PaDiM's, + eps) the start: the untrained flow's NLL per dimension is the
+    squared Mahalanobis distance / 2C, with numpy's covariance as the reference."""
     rng = np.random.default_rng(0)
     mixing = rng.normal(size=(5, 5))
     train = torch.from_numpy(np.einsum("nphw,cp->nchw", rng.normal(size=(12, 5, 3, 2)),
@@ -116,8 +114,10 @@ def test_untrained_whitened_flow_scores_the_mahalanobis_distance_of_each_positio
 
     floor = 0.01 * float(train.double().var((0, 2, 3), unbiased=False).mean())
     vectors = train.double().flatten(2).numpy()                   # (n, C, P)
+    covs = np.stack([np.cov(vectors[:, :, p], rowvar=False) for p in range(6)])
+    weight = 5 / (5 + 12 - 1)                                     # d / (d + n - 1)
     for p in range(6):
-        cov = ledoit_wolf(vectors[:, :, p])[0] + floor * np.eye(5)
+        cov = (1 - weight) * covs[p] + weight * covs.mean(0) + floor * np.eye(5)
         diff = test.double().flatten(2).numpy()[:, :, p] - vectors[:, :, p].mean(0)
         distance = np.einsum("nc,cd,nd->n", diff, np.linalg.inv(cov), diff)
         np.testing.assert_allclose(nll[:, p], distance / (2 * 5), rtol=1e-4)
@@ -157,7 +157,7 @@ def test_params_reject_bad_values_and_are_selectable_in_params():
 def test_fit_logs_a_falling_loss_by_epoch(fitted):
     curve = fitted.history["train_loss"]
     assert len(curve) == FAST["epochs"] and all(math.isfinite(v) for v in curve)
-    assert curve[-1] < curve[0] - 0.2 and curve[-1] < min(curve[:3])
+    assert curve[-1] < 0.75 * curve[0] and curve[-1] < min(curve[:3])
     assert fitted.shapes_ == [(40, 8, 8), (112, 4, 4)]      # Lite0 blocks.2, blocks.4 at 64 px
 
 

@@ -12,10 +12,9 @@ Standardization (``standardize``). A flow shared by all positions sees one densi
 whole image, but on aligned parts the normal feature depends on the place (PaDiM's
 per-position Gaussians are what make PaDiM strong on Magnetic Tile). The default
 ``whiten`` therefore maps each position's features through its own Gaussian first,
-``z0 = L^-1 (x - mu)`` with ``L L^T`` that position's covariance (Ledoit-Wolf shrunk, + eps
-as PaDiM), so the untrained flow scores PaDiM's squared Mahalanobis distance, and training
-learns
-the non-Gaussian rest, shared across positions and, through the fusion, across scales.
+``z0 = L^-1 (x - mu)`` with ``L L^T`` that position's covariance (shrunk toward the pooled
+covariance of all positions and + eps, as PaDiM's), so the untrained flow scores PaDiM's
+squared Mahalanobis distance, and training learns the non-Gaussian rest, shared across positions and, through the fusion, across scales.
 The fixed whitening's own log-determinant is a per-position constant left out of the map,
 as PaDiM's distance leaves it out. ``channel`` and ``position`` standardize with one
 mean/std per channel, or per channel and position (MSFlow's and CFlow's setting).
@@ -253,33 +252,16 @@ def standardization(feats: torch.Tensor, mode: str, eps: float) -> tuple[np.ndar
     gaussians = GaussianAccumulator()
     for x in _chunks(feats):
         gaussians.add(x.flatten(2).transpose(1, 2))                              # (k, P, C)
-    mean, cov = gaussians.mean_and_covariance()                                  # (P, C), (P, C, C)
-    cov = ledoit_wolf(feats, mean, cov * (n - 1) / n) + floor * torch.eye(c, dtype=cov.dtype)
+    # Shrunk toward the pooled covariance of all positions, as PaDiM's (padim.py says why):
+    # a position that barely varies in training (a dark background, a rim the object moves
+    # across, any position with fewer images than channels) is not blown up by whitening.
+    mean, cov = gaussians.mean_and_shrunk_covariance(None)                        # (P, C), (P, C, C)
+    cov = cov + floor * torch.eye(c, dtype=cov.dtype)
     lower = torch.linalg.cholesky(cov)
     inverse = torch.linalg.solve_triangular(lower, torch.eye(c, dtype=cov.dtype).expand_as(cov),
                                             upper=False)                          # L^-1
     return (mean.T.reshape(c, h, w).float().numpy(),
             inverse.transpose(1, 2).float().numpy())
-
-
-def ledoit_wolf(x: torch.Tensor, mean: torch.Tensor, sample_cov: torch.Tensor) -> torch.Tensor:
-    """Each position's covariance shrunk towards a multiple of the identity by Ledoit and
-    Wolf's (2004) intensity, (P, C, C). With few images against many channels a sample
-    covariance is singular, and whitening by it would blow up every direction the few
-    images did not span; the shrinkage grows as the images get fewer (1 when n << C),
-    and is small when they are many."""
-    n, c = x.shape[:2]
-    fourth = torch.zeros(mean.shape[0], dtype=torch.float64)               # sum_k |x_k|^4
-    for chunk in _chunks(x):
-        diff = chunk.flatten(2).transpose(1, 2) - mean                      # (k, P, C)
-        fourth += ((diff * diff).sum(-1) ** 2).sum(0)
-    mu = torch.diagonal(sample_cov, dim1=1, dim2=2).sum(-1) / c              # (P,)
-    squared = (sample_cov * sample_cov).sum((1, 2))                          # |S|_F^2
-    distance = (squared - mu * mu * c).clamp_min(1e-30)                       # |S - mu I|_F^2
-    spread = (fourth / n ** 2 - squared / n).clamp_min(0)
-    shrinkage = (torch.minimum(spread, distance) / distance)[:, None, None]
-    return (1 - shrinkage) * sample_cov + shrinkage * mu[:, None, None] * torch.eye(
-        c, dtype=torch.float64)
 
 
 def _chunks(feats: torch.Tensor):

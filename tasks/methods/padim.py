@@ -115,19 +115,25 @@ class GaussianAccumulator:
         cov = (self.outer - n * centred_mean[:, :, None] * centred_mean[:, None, :]) / max(n - 1, 1)
         return self.shift + centred_mean, cov
 
-    def mean_and_inverse_covariance(self, eps: float, shrinkage: float | None = 0.0
-                                    ) -> tuple[np.ndarray, np.ndarray]:
-        """Mean (p, d) and inverse of (shrunk sample covariance + eps I) (p, d, d), float32.
-
-        ``shrinkage`` a: (1 - a) S + a S_pooled, S_pooled the mean of all positions'
-        covariances; None: a = d / (d + n - 1).
-        """
+    def mean_and_shrunk_covariance(self, shrinkage: float | None = None
+                                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean (p, d) and (1 - a) S + a S_pooled (p, d, d), float64: each position's sample
+        covariance S shrunk toward S_pooled, the mean of all positions' covariances, by
+        ``shrinkage`` a; None: a = d / (d + n - 1), an inverse-Wishart prior worth d images."""
         mean, cov = self.mean_and_covariance()
         d = cov.shape[-1]
         if shrinkage is None:
             shrinkage = d / (d + max(self.count - 1, 0))
         if shrinkage > 0:
             cov = (1 - shrinkage) * cov + shrinkage * cov.mean(dim=0, keepdim=True)
+        return mean, cov
+
+    def mean_and_inverse_covariance(self, eps: float, shrinkage: float | None = 0.0
+                                    ) -> tuple[np.ndarray, np.ndarray]:
+        """Mean (p, d) and inverse of (shrunk sample covariance + eps I) (p, d, d), float32
+        (``shrinkage`` as in ``mean_and_shrunk_covariance``)."""
+        mean, cov = self.mean_and_shrunk_covariance(shrinkage)
+        d = cov.shape[-1]
         cov = cov + eps * torch.eye(d, dtype=cov.dtype, device=cov.device)
         inverse = torch.linalg.inv(cov)
         inverse = 0.5 * (inverse + inverse.transpose(1, 2))          # exact symmetry after rounding
