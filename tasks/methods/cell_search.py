@@ -19,6 +19,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 
 CELLS_FILE = "cells.npz"
 
@@ -34,9 +35,14 @@ class CellIndex:
         self.order = order.astype(np.int64)            # bank rows, grouped by cell
         self.offsets = offsets.astype(np.int64)        # cell c: order[offsets[c]:offsets[c+1]]
         self.probe = max(1, min(int(probe), len(self.centroids)))
-        # Cell-major copies: each cell's vectors contiguous, and their squared norms.
-        self.sorted_bank = np.ascontiguousarray(bank[self.order], np.float32)
-        self.sorted_sq = (self.sorted_bank.astype(np.float64) ** 2).sum(1).astype(np.float32)
+        # Cell-major bank, transposed (each cell a contiguous block of columns), and the
+        # squared norms, as torch tensors for fused products (addmm) and reductions.
+        sorted_bank = np.ascontiguousarray(bank[self.order], np.float32)
+        self._sorted_t = torch.from_numpy(np.ascontiguousarray(sorted_bank.T))
+        self._sorted_sq = torch.from_numpy(
+            (sorted_bank.astype(np.float64) ** 2).sum(1).astype(np.float32))
+        self._centroids_t = torch.from_numpy(np.ascontiguousarray(self.centroids.T))
+        self._centroid_sq = torch.from_numpy(self.centroid_sq)
 
     @classmethod
     def build(cls, bank: np.ndarray, lists: int, probe: int, seed: int = 0) -> "CellIndex":
@@ -72,35 +78,37 @@ class CellIndex:
     def lists(self) -> int:
         return len(self.centroids)
 
-    def probed_cells(self, queries: np.ndarray) -> np.ndarray:
+    def probed_cells(self, queries: torch.Tensor) -> torch.Tensor:
         """(n, probe) cells nearest to each query, by centroid distance."""
-        # |q|^2 is the same for every centroid of a query: left out of the ranking.
-        ranking = self.centroid_sq - 2.0 * (queries @ self.centroids.T)
         if self.probe >= self.lists:
-            return np.broadcast_to(np.arange(self.lists), (len(queries), self.lists))
-        return np.argpartition(ranking, self.probe - 1, axis=1)[:, :self.probe]
+            return torch.arange(self.lists).expand(len(queries), self.lists)
+        # |q|^2 is the same for every centroid of a query: left out of the ranking.
+        ranking = torch.addmm(self._centroid_sq, queries, self._centroids_t, alpha=-2.0)
+        return ranking.topk(self.probe, dim=1, largest=False, sorted=False).indices
 
     def search(self, queries: np.ndarray) -> np.ndarray:
         """The bank row nearest to each query (n,) among the probed cells."""
-        queries = np.ascontiguousarray(queries, np.float32)
+        queries = torch.from_numpy(np.ascontiguousarray(queries, np.float32))
         n = len(queries)
-        cells = self.probed_cells(queries).ravel()
-        owners = np.repeat(np.arange(n), self.probe)
-        by_cell = np.argsort(cells, kind="stable")
-        cells, owners = cells[by_cell], owners[by_cell]
-        bounds = np.searchsorted(cells, np.arange(self.lists + 1))
-        best = np.full(n, np.inf, np.float32)
-        nearest = np.zeros(n, np.int64)
-        for cell in np.flatnonzero(np.diff(bounds)):
-            start, stop = self.offsets[cell], self.offsets[cell + 1]
-            if start == stop:
+        cells = self.probed_cells(queries).reshape(-1)
+        owners = torch.arange(n).repeat_interleave(self.probe)
+        cells, by_cell = torch.sort(cells, stable=True)
+        owners = owners[by_cell]
+        bounds = torch.searchsorted(cells, torch.arange(self.lists + 1)).tolist()
+        best = torch.full((n,), float("inf"))
+        nearest = torch.zeros(n, dtype=torch.int64)
+        for cell in range(self.lists):
+            start, stop = int(self.offsets[cell]), int(self.offsets[cell + 1])
+            if bounds[cell] == bounds[cell + 1] or start == stop:
                 continue
             who = owners[bounds[cell]:bounds[cell + 1]]
-            # |q - m|^2 - |q|^2: the query's own norm does not change its ranking.
-            dist = self.sorted_sq[start:stop] - 2.0 * (queries[who] @ self.sorted_bank[start:stop].T)
-            local = dist.argmin(axis=1)
-            value = dist[np.arange(len(who)), local]
+            # |q - m|^2 - |q|^2 (the query's own norm does not change its ranking), and its
+            # minimum over the cell, in one product and one reduction.
+            dist = torch.addmm(self._sorted_sq[start:stop], queries.index_select(0, who),
+                               self._sorted_t[:, start:stop], alpha=-2.0)
+            value, local = dist.min(dim=1)
             better = value < best[who]
-            best[who[better]] = value[better]
-            nearest[who[better]] = start + local[better]
-        return self.order[nearest]
+            who = who[better]
+            best[who] = value[better]
+            nearest[who] = local[better] + start
+        return self.order[nearest.numpy()]
