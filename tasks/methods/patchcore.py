@@ -203,7 +203,8 @@ class PatchCore(FeatureDetector):
         rows = np.arange(len(patch_scores))[:, None]
         worst = np.argpartition(-patch_scores, top - 1, axis=1)[:, :top]      # (n, top)
         picked = np.ascontiguousarray(queries[rows, worst].reshape(-1, queries.shape[2]))
-        found = self.exact_index.search(picked, 1)[1][:, 0]
+        found = (self.index.search_exactly(picked)[:, 0] if self.params.search == "ivf"
+                 else self.exact_index.search(picked, 1)[1][:, 0])
         distance = np.linalg.norm(picked - self.memory_bank[found], axis=1)
         patch_scores[rows, worst] = distance.reshape(worst.shape)
         nearest[rows, worst] = found.reshape(worst.shape)
@@ -220,8 +221,10 @@ class PatchCore(FeatureDetector):
         test_feats = queries[rows, worst]                      # m_test*
         anchors = self.memory_bank[nearest[rows, worst]]       # m*
         # N_b(m*), m* itself first; exactly unless the search is a graph (banks of millions).
-        anchor_index = self.index if self.params.search == "hnsw" else self.exact_index
-        _, neighbours = anchor_index.search(anchors, k)
+        if self.params.search == "ivf":
+            neighbours = self.index.search_exactly(anchors, k)
+        else:
+            _, neighbours = self.index.search(anchors, k)
         dists = np.linalg.norm(self.memory_bank[neighbours] - test_feats[:, None, :], axis=2)
         # w = 1 - exp(s*) / sum_{m in N_b(m*)} exp(||m_test* - m||), as a stable softmax.
         shifted = np.exp(dists - dists.max(axis=1, keepdims=True))
