@@ -241,10 +241,11 @@ class PatchCore(FeatureDetector):
 
     def torch_head(self, input_size: int) -> PatchCoreHead | PatchEmbedHead:
         """Exact search: in the graph; each bank vector's ``num_neighbors`` nearest bank
-        vectors (itself first) are found once here, by the exact flat index. Approximate
-        search: the graph ends at the embedded patch features, which the exported scorer
-        hands to ``score_embedded`` (the same search, over the same saved cells)."""
-        if self.params.search != "exact":
+        vectors (itself first) are found once here, by the exact flat index (also for
+        "hnsw", whose graph is not saved with the model). "ivf": the graph ends at the
+        embedded patch features, which the exported scorer hands to ``score_embedded``
+        (the same search, over the same saved cells)."""
+        if self.params.search == "ivf":
             return PatchEmbedHead(self.params.border_pooling == "zero_padded")
         k = min(self.params.num_neighbors, len(self.memory_bank))
         _, neighbours = self.exact_index.search(self.memory_bank, k)

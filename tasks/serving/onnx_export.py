@@ -10,6 +10,10 @@ The graph (``torch.onnx.export``, opset 17; OpenVINO converts that ONNX file):
       -> the detector's ``torch_head`` (methods.torch_heads)           head + map post-processing
       -> score (B,) float32, anomaly_map (B, S, S) float32
 
+A PatchCore with an approximate search (``search: ivf``) ends the graph at its embedded
+patch features instead; its ``detector/`` folder (bank and saved cells) is copied beside the
+model and ``exported.ExportedScorer`` searches it with the detector's own code.
+
 The resize stays outside the graph: OpenCV's INTER_AREA (used to shrink, INTER_LINEAR to
 grow) has no exact ONNX equivalent. So does the optional non-local-means denoising.
 ``exported.ExportedScorer`` does both exactly as the pipeline does, then runs the graph.
