@@ -113,6 +113,35 @@ def test_exported_model_scores_as_the_pyfunc(registered, tmp_path, capsys, metho
     assert version.tags[f"export.{fmt}"].endswith(f"export/{fmt}")
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_an_approximate_search_is_exported_with_its_cells_and_scores_as_the_pyfunc(
+        registered, tmp_path, fmt):
+    """search: ivf: the graph ends at the patch features; the exported folder carries the
+    bank and the cells saved with the model, searched as the pyfunc searches them."""
+    import dataclasses
+
+    from defectflow.tasks.methods.cell_search import CELLS_FILE
+    from defectflow.tasks.serving.scorer import ImageScorer
+    from defectflow.tasks.tracking import resolve_model
+    from defectflow.tasks.tracking.exports import download_model_folder
+
+    tmp, uri, paths = registered
+    folder = download_model_folder(resolve_model(f"{model_name(PatchCore.name)}@champion", uri),
+                                   uri, tmp_path / "model")
+    detector = PatchCore.load(folder / "detector")
+    detector.params = dataclasses.replace(detector.params, search="ivf", ivf_lists=16,
+                                          ivf_probe=2)
+    detector.save(folder / "detector")
+    assert (folder / "detector" / CELLS_FILE).is_file()
+    reference = ImageScorer.from_folder(folder).score(paths)
+    out = export_folder(folder, fmt, tmp_path / fmt)
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["search"] == "ivf" and meta["outputs"][0]["name"] == "features"
+    assert (out / "detector" / CELLS_FILE).is_file()
+    assert_parity(ExportedScorer(out, threads=2).score(paths), reference)
+    assert set(reference["verdict"]) == {"good", "defective"}
+
+
 def test_score_command_through_the_export_keeps_the_inbox_guarantees(registered, tmp_path):
     tmp, uri, _ = registered
     from defectflow.tasks.tracking import load_model

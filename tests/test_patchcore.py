@@ -11,6 +11,7 @@ from defectflow.tasks import datasets, features as features_mod
 from defectflow.tasks.coreset import greedy_coreset
 from defectflow.tasks.evaluation import image_metrics, pixel_metrics
 from defectflow.tasks.methods import PatchCore, PatchSet
+from defectflow.tasks.methods.cell_search import CELLS_FILE
 from defectflow.tasks.methods.patchcore import PatchCoreParams
 from defectflow.tasks.normalization import channel_stats
 from defectflow.tasks.patches import plan_patches
@@ -135,6 +136,23 @@ def test_approximate_search_agrees_with_exact_search(product, tmp_path, search):
                                           ivf_lists=4, ivf_probe=4))
         every.memory_bank = exact.memory_bank
         np.testing.assert_allclose(every.score(test)[0], exact_scores, rtol=1e-5)
+        # One cell probed of 16: the image scores still match exact search, since each
+        # image's worst patches are searched again exactly; the maps do not (some patches'
+        # neighbours are missed), and without the exact pass the scores do not either.
+        coarse = PatchCore(PatchCoreParams(layers=LAYERS, coreset_ratio=0.25, search="ivf",
+                                           ivf_lists=16, ivf_probe=1, exact_top=8))
+        coarse.memory_bank = exact.memory_bank
+        coarse_scores, coarse_maps = coarse.score(test)
+        np.testing.assert_allclose(coarse_scores, exact_scores, rtol=1e-5)
+        assert not np.allclose(coarse_maps, exact.score(test)[1], rtol=1e-3)
+        bare = PatchCore(dataclasses.replace(coarse.params, exact_top=0))
+        bare.memory_bank = exact.memory_bank
+        assert (bare.score(test)[0] > exact_scores * (1 + 1e-4)).any()
+        # The cells are saved with the model and searched as they were.
+        restored = PatchCore.load(coarse.save(tmp_path / "ivf"))
+        assert (tmp_path / "ivf" / CELLS_FILE).is_file()
+        np.testing.assert_array_equal(restored.index.order, coarse.index.order)
+        np.testing.assert_array_equal(restored.score(test)[1], coarse_maps)
 
 
 def test_vectorized_greedy_picks_what_the_textbook_greedy_picks():

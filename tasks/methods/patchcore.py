@@ -22,7 +22,8 @@ from scipy.ndimage import gaussian_filter
 
 from ..coreset import StreamingCoreset
 from .base import FeatureDetector, PatchSet
-from .torch_heads import PatchCoreHead
+from .cell_search import CellIndex
+from .torch_heads import PatchCoreHead, PatchEmbedHead
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,16 @@ class PatchCoreParams:
     border_pooling: str = "zero_padded"
     smoothing_sigma: float = 4.0       # Gaussian blur of the upsampled anomaly map
     # "exact" (faiss flat L2), "hnsw" (graph, for banks of millions) or "ivf" (inverted lists:
-    # each query scans ivf_probe of the bank's ivf_lists k-means cells).
+    # each query scans ivf_probe of the bank's ivf_lists k-means cells, cell_search.py).
     search: str = "exact"
     hnsw_neighbors: int = 32           # HNSW graph degree (M)
     hnsw_ef_search: int = 128          # HNSW search breadth: higher is closer to exact, slower
     ivf_lists: int = 0                 # k-means cells; 0: the square root of the bank size
     ivf_probe: int = 8                 # cells scanned per query: higher is closer to exact
+    # Approximate searches only: each image's exact_top highest patch scores are searched
+    # again exactly, so the image score (the worst patch, reweighted) is the exact one unless
+    # the worst patch ranks below exact_top by its approximate distance. 0: none.
+    exact_top: int = 8
     seed: int = 0
 
     def __post_init__(self):
@@ -63,8 +68,8 @@ class PatchCoreParams:
                              "and coreset_pool must be positive")
         if self.search not in ("exact", "hnsw", "ivf"):
             raise ValueError(f"search must be 'exact', 'hnsw' or 'ivf', got {self.search!r}")
-        if self.ivf_lists < 0 or self.ivf_probe < 1:
-            raise ValueError("ivf_lists must be >= 0 and ivf_probe >= 1")
+        if self.ivf_lists < 0 or self.ivf_probe < 1 or self.exact_top < 0:
+            raise ValueError("ivf_lists and exact_top must be >= 0 and ivf_probe >= 1")
         if self.border_pooling not in ("zero_padded", "valid"):
             raise ValueError(f"border_pooling must be 'zero_padded' or 'valid', "
                              f"got {self.border_pooling!r}")
@@ -100,6 +105,8 @@ class PatchCore(FeatureDetector):
         super().__init__(params)
         self.memory_bank: np.ndarray | None = None
         self._index: faiss.Index | None = None
+        self._exact: faiss.Index | None = None
+        self._cells: CellIndex | None = None
 
     # -- fitting ---------------------------------------------------------------
     def fit(self, train: PatchSet) -> "PatchCore":
@@ -119,29 +126,44 @@ class PatchCore(FeatureDetector):
         # Where fit time went (seconds), for benchmarks; not part of the saved state.
         self.fit_seconds = {"coreset": coreset.seconds,
                             "total": time.perf_counter() - started}
-        self._index = None
+        self._index = self._exact = self._cells = None
         return self
 
     @property
-    def index(self) -> faiss.Index:
+    def index(self):
+        """The search over the bank: a faiss index ("exact", "hnsw") or a CellIndex ("ivf"),
+        built on first use (an ivf model's cells come saved with it)."""
+        if self.params.search == "ivf":
+            lists = self.params.ivf_lists
+            if self._cells is None or (lists and lists != self._cells.lists):
+                self._cells = CellIndex.build(self.memory_bank, lists, self.params.ivf_probe,
+                                              self.params.seed)
+            self._cells.probe = max(1, min(self.params.ivf_probe, self._cells.lists))
+            return self._cells
         if self._index is None:
-            dim = self.memory_bank.shape[1]
             if self.params.search == "hnsw":
                 # Graph search: sub-linear in the bank, for banks of millions of vectors.
-                self._index = faiss.IndexHNSWFlat(dim, self.params.hnsw_neighbors)
+                self._index = faiss.IndexHNSWFlat(self.memory_bank.shape[1],
+                                                  self.params.hnsw_neighbors)
                 self._index.hnsw.efSearch = self.params.hnsw_ef_search
-            elif self.params.search == "ivf":
-                # Scans ivf_probe / ivf_lists of the bank per query; faiss's k-means is
-                # seeded, so the same bank gives the same cells.
-                lists = self.params.ivf_lists or max(1, int(round(np.sqrt(len(self.memory_bank)))))
-                self._quantizer = faiss.IndexFlatL2(dim)  # kept: the IVF index refers to it
-                self._index = faiss.IndexIVFFlat(self._quantizer, dim, lists)
-                self._index.train(self.memory_bank)
-                self._index.nprobe = min(self.params.ivf_probe, lists)
+                self._index.add(self.memory_bank)
             else:
-                self._index = faiss.IndexFlatL2(dim)
-            self._index.add(self.memory_bank)
+                self._index = self.exact_index
         return self._index
+
+    @property
+    def exact_index(self) -> faiss.Index:
+        """faiss's flat (exact) index over the bank."""
+        if self._exact is None:
+            self._exact = faiss.IndexFlatL2(self.memory_bank.shape[1])
+            self._exact.add(self.memory_bank)
+        return self._exact
+
+    def _nearest(self, queries: np.ndarray) -> np.ndarray:
+        """The bank row found nearest to each query (n,), by the configured search."""
+        if self.params.search == "ivf":
+            return self.index.search(queries)
+        return self.index.search(queries, 1)[1][:, 0]
 
     # -- scoring ---------------------------------------------------------------
     def score(self, batch: PatchSet) -> tuple[np.ndarray, np.ndarray]:
@@ -150,18 +172,42 @@ class PatchCore(FeatureDetector):
         anomaly_maps = np.zeros((len(batch), size, size), dtype=np.float32)
         for part, maps in batch.feature_chunks(self.params.layers):
             feats = embed(maps, self.params.layers, self.params.border_pooling)
-            n, h, w, dim = feats.shape
-            queries = feats.reshape(-1, dim).numpy()
-            _, nearest = self.index.search(queries, 1)
-            # faiss computes |q|^2 - 2 q.m + |m|^2, which loses small distances to
-            # cancellation: the distance to the neighbour found is taken directly (as in
-            # the exported graph, torch_heads.PatchCoreHead).
-            patch_scores = np.linalg.norm(queries - self.memory_bank[nearest[:, 0]],
-                                          axis=1).reshape(n, h * w)
-            scores[part] = self._image_scores(queries.reshape(n, h * w, dim), patch_scores,
-                                              nearest[:, 0].reshape(n, h * w))
-            anomaly_maps[part] = self._anomaly_maps(patch_scores.reshape(n, h, w), size)
+            scores[part], anomaly_maps[part] = self.score_embedded(feats.numpy(), size)
         return scores, anomaly_maps
+
+    def score_embedded(self, feats: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores (n,) and (n, size, size) maps of embedded features (n, h, w, D):
+        one search for all the patches of the batch. Exported models whose search runs
+        outside the graph call this on the graph's features."""
+        n, h, w, dim = feats.shape
+        queries = np.ascontiguousarray(feats, np.float32).reshape(-1, dim)
+        nearest = self._nearest(queries)
+        # faiss computes |q|^2 - 2 q.m + |m|^2, which loses small distances to
+        # cancellation: the distance to the neighbour found is taken directly (as in
+        # the exported graph, torch_heads.PatchCoreHead).
+        patch_scores = np.linalg.norm(queries - self.memory_bank[nearest],
+                                      axis=1).reshape(n, h * w)
+        nearest = nearest.reshape(n, h * w)
+        queries = queries.reshape(n, h * w, dim)
+        if self.params.search != "exact" and self.params.exact_top:
+            self._search_top_exactly(queries, patch_scores, nearest)
+        scores = self._image_scores(queries, patch_scores, nearest)
+        return scores, self._anomaly_maps(patch_scores.reshape(n, h, w), size)
+
+    def _search_top_exactly(self, queries: np.ndarray, patch_scores: np.ndarray,
+                            nearest: np.ndarray) -> None:
+        """Each image's ``exact_top`` highest patch scores searched again exactly, in place.
+        An approximate search only overestimates a distance, so the worst patch is among
+        them unless more than ``exact_top`` patches were overestimated past it."""
+        top = min(self.params.exact_top, patch_scores.shape[1])
+        rows = np.arange(len(patch_scores))[:, None]
+        worst = np.argpartition(-patch_scores, top - 1, axis=1)[:, :top]      # (n, top)
+        picked = np.ascontiguousarray(queries[rows, worst].reshape(-1, queries.shape[2]))
+        found = (self.index.search_exactly(picked)[:, 0] if self.params.search == "ivf"
+                 else self.exact_index.search(picked, 1)[1][:, 0])
+        distance = np.linalg.norm(picked - self.memory_bank[found], axis=1)
+        patch_scores[rows, worst] = distance.reshape(worst.shape)
+        nearest[rows, worst] = found.reshape(worst.shape)
 
     def _image_scores(self, queries: np.ndarray, patch_scores: np.ndarray,
                       nearest: np.ndarray) -> np.ndarray:
@@ -174,7 +220,11 @@ class PatchCore(FeatureDetector):
             return best_score
         test_feats = queries[rows, worst]                      # m_test*
         anchors = self.memory_bank[nearest[rows, worst]]       # m*
-        _, neighbours = self.index.search(anchors, k)          # N_b(m*), m* itself first
+        # N_b(m*), m* itself first; exactly unless the search is a graph (banks of millions).
+        if self.params.search == "ivf":
+            neighbours = self.index.search_exactly(anchors, k)
+        else:
+            _, neighbours = self.index.search(anchors, k)
         dists = np.linalg.norm(self.memory_bank[neighbours] - test_feats[:, None, :], axis=2)
         # w = 1 - exp(s*) / sum_{m in N_b(m*)} exp(||m_test* - m||), as a stable softmax.
         shifted = np.exp(dists - dists.max(axis=1, keepdims=True))
@@ -189,13 +239,16 @@ class PatchCore(FeatureDetector):
             maps = np.stack([gaussian_filter(m, sigma=sigma) for m in maps])
         return maps.astype(np.float32)
 
-    def torch_head(self, input_size: int) -> PatchCoreHead:
-        """Exact search in the graph; each bank vector's ``num_neighbors`` nearest bank
-        vectors (itself first) are found once here, by the exact flat index."""
+    def torch_head(self, input_size: int) -> PatchCoreHead | PatchEmbedHead:
+        """Exact search: in the graph; each bank vector's ``num_neighbors`` nearest bank
+        vectors (itself first) are found once here, by the exact flat index (also for
+        "hnsw", whose graph is not saved with the model). "ivf": the graph ends at the
+        embedded patch features, which the exported scorer hands to ``score_embedded``
+        (the same search, over the same saved cells)."""
+        if self.params.search == "ivf":
+            return PatchEmbedHead(self.params.border_pooling == "zero_padded")
         k = min(self.params.num_neighbors, len(self.memory_bank))
-        exact = faiss.IndexFlatL2(self.memory_bank.shape[1])
-        exact.add(self.memory_bank)
-        _, neighbours = exact.search(self.memory_bank, k)
+        _, neighbours = self.exact_index.search(self.memory_bank, k)
         return PatchCoreHead(self.memory_bank, neighbours, input_size,
                              self.params.smoothing_sigma,
                              self.params.border_pooling == "zero_padded")
@@ -203,7 +256,11 @@ class PatchCore(FeatureDetector):
     # -- persistence -------------------------------------------------------------
     def _save_state(self, directory: Path) -> None:
         np.save(directory / "memory_bank.npy", self.memory_bank)
+        if self.params.search == "ivf":
+            # k-means once, at training: every copy of the model searches the same cells.
+            self.index.save(directory)
 
     def _load_state(self, directory: Path) -> None:
         self.memory_bank = np.load(directory / "memory_bank.npy")
-        self._index = None
+        self._index = self._exact = None
+        self._cells = CellIndex.load(directory, self.memory_bank, self.params.ivf_probe)

@@ -66,6 +66,22 @@ def upsample_to_first(maps: list[torch.Tensor]) -> list[torch.Tensor]:
             F.interpolate(m, size=grid, mode="bilinear", align_corners=False) for m in maps]
 
 
+class PatchEmbedHead(nn.Module):
+    """PatchCore's locally aware embedding alone, (B, h, w, D), as ``patchcore.embed``:
+    the head of a PatchCore whose approximate search runs outside the graph."""
+
+    outputs_features = True
+
+    def __init__(self, count_include_pad: bool):
+        super().__init__()
+        self.count_include_pad = count_include_pad
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        pooled = [F.avg_pool2d(m, kernel_size=3, stride=1, padding=1,
+                               count_include_pad=self.count_include_pad) for m in maps]
+        return torch.cat(upsample_to_first(pooled), dim=1).permute(0, 2, 3, 1)
+
+
 class PatchCoreHead(nn.Module):
     """PatchCore's scoring: locally aware embedding, exact nearest neighbour in the memory
     bank (found by ``|q|^2 - 2 q.m + |m|^2``, as faiss's flat index does for batches; its

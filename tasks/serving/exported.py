@@ -22,8 +22,14 @@ from ..features import resize
 from ..images import read_image
 from ..patches import denoise_image
 from .config import CONFIG_NAME, ScoringConfig
-from .onnx_export import EXPORT_JSON, FORMATS, INPUT_NAME
+from ..methods import METHODS
+from .onnx_export import DETECTOR_DIR, EXPORT_JSON, FORMATS, INPUT_NAME
 from .scorer import materialize_images, verdict_frame
+
+
+# Images per run of a graph that ends at patch features: the search then takes the patches
+# of this many images in one call (its per-call work amortized), as the pyfunc does.
+FEATURE_BATCH = 64
 
 
 def _missing_extra(exc: ImportError) -> DefectflowError:
@@ -46,9 +52,8 @@ class _OnnxRuntime:
         self.session = ort.InferenceSession(str(path), options,
                                             providers=ort.get_available_providers())
 
-    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        scores, maps = self.session.run(None, {INPUT_NAME: pixels})
-        return scores, maps
+    def __call__(self, pixels: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, {INPUT_NAME: pixels})
 
 
 class _OpenVino:
@@ -66,10 +71,9 @@ class _OpenVino:
         self.model = core.compile_model(core.read_model(str(path)), device, config)
         self.request = self.model.create_infer_request()
 
-    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, pixels: np.ndarray) -> list[np.ndarray]:
         result = self.request.infer({INPUT_NAME: pixels})
-        outputs = self.model.outputs
-        return np.asarray(result[outputs[0]]), np.asarray(result[outputs[1]])
+        return [np.asarray(result[output]) for output in self.model.outputs]
 
 
 class ExportedScorer:
@@ -93,13 +97,23 @@ class ExportedScorer:
         self.run = _OnnxRuntime(path, threads) if fmt == "onnx" else _OpenVino(path, threads,
                                                                               device)
         self.batch_size = int(self.meta.get("batch_size", 8))
+        # A PatchCore with an approximate search: the graph gives patch features, searched
+        # here over the exported bank and cells by the detector's own code.
+        self.detector = None
+        if self.meta.get("search"):
+            self.detector = METHODS[self.config.method].load(folder / DETECTOR_DIR)
+            self.batch_size = max(self.batch_size, FEATURE_BATCH)
 
     def score_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Scores (n,) and float32 maps (n, S, S) of resized RGB uint8 images (n, S, S, 3)."""
         scores, maps = [], []
         for start in range(0, len(pixels), self.batch_size):
             batch = np.ascontiguousarray(pixels[start:start + self.batch_size], np.uint8)
-            part_scores, part_maps = self.run(batch)
+            outputs = self.run(batch)
+            if self.detector is not None:
+                outputs = self.detector.score_embedded(outputs[0],
+                                                       self.config.features.input_size)
+            part_scores, part_maps = outputs
             scores.append(np.asarray(part_scores, np.float32))
             maps.append(np.asarray(part_maps, np.float32))
         return np.concatenate(scores), np.concatenate(maps)

@@ -10,6 +10,10 @@ The graph (``torch.onnx.export``, opset 17; OpenVINO converts that ONNX file):
       -> the detector's ``torch_head`` (methods.torch_heads)           head + map post-processing
       -> score (B,) float32, anomaly_map (B, S, S) float32
 
+A PatchCore with an approximate search (``search: ivf``) ends the graph at its embedded
+patch features instead; its ``detector/`` folder (bank and saved cells) is copied beside the
+model and ``exported.ExportedScorer`` searches it with the detector's own code.
+
 The resize stays outside the graph: OpenCV's INTER_AREA (used to shrink, INTER_LINEAR to
 grow) has no exact ONNX equivalent. So does the optional non-local-means denoising.
 ``exported.ExportedScorer`` does both exactly as the pipeline does, then runs the graph.
@@ -37,6 +41,8 @@ FORMATS = ("onnx", "openvino")
 MODEL_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
 OPSET = 17
 INPUT_NAME, SCORE_NAME, MAP_NAME = "pixels", "score", "anomaly_map"
+FEATURES_NAME = "features"
+DETECTOR_DIR = "detector"
 # The exact search holds a (batch, patches, bank) distance matrix: batches are sized so
 # that it stays under this many bytes.
 DISTANCE_BYTES = 256 << 20
@@ -53,7 +59,7 @@ class ExportGraph(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor):
         # The same operations, in the same order, as features.normalize_batch.
         x = pixels.permute(0, 3, 1, 2).float() / 255.0
         x = (x - self.mean) / self.std
@@ -114,16 +120,22 @@ def _batch_size(graph: ExportGraph, size: int) -> int:
     return max(1, min(8, DISTANCE_BYTES // per_image))
 
 
+def searches_outside(graph: ExportGraph) -> bool:
+    """The graph ends at patch features, searched by the exported scorer (PatchCore with an
+    approximate search), instead of at scores and maps."""
+    return bool(getattr(graph.head, "outputs_features", False))
+
+
 def _write_onnx(graph: ExportGraph, size: int, path: Path) -> None:
     example = torch.zeros(1, size, size, 3, dtype=torch.uint8)
+    outputs = [FEATURES_NAME] if searches_outside(graph) else [SCORE_NAME, MAP_NAME]
     with warnings.catch_warnings(), torch.no_grad():
         # The TorchScript exporter warns that it is deprecated in favour of the dynamo one,
         # which needs onnxscript; this graph exports exactly with it.
         warnings.simplefilter("ignore")
         torch.onnx.export(graph, (example,), str(path), opset_version=OPSET, dynamo=False,
-                          input_names=[INPUT_NAME], output_names=[SCORE_NAME, MAP_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, SCORE_NAME: {0: "batch"},
-                                        MAP_NAME: {0: "batch"}})
+                          input_names=[INPUT_NAME], output_names=outputs,
+                          dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]})
 
 
 def export_folder(folder: str | Path, fmt: str, out: str | Path) -> Path:
@@ -157,8 +169,22 @@ def export_folder(folder: str | Path, fmt: str, out: str | Path) -> Path:
             openvino.save_model(openvino.convert_model(str(onnx_path)),
                                 str(out / MODEL_FILES["openvino"]), compress_to_fp16=False)
     shutil.copy2(Path(folder) / CONFIG_NAME, out / CONFIG_NAME)
-    (out / EXPORT_JSON).write_text(json.dumps(
-        describe(config, detector, fmt, _batch_size(graph, size)), indent=1))
+    outside = searches_outside(graph)
+    if outside:
+        # The bank and its saved cells: the exported scorer searches them as the pyfunc does.
+        shutil.copytree(Path(folder) / DETECTOR_DIR, out / DETECTOR_DIR, dirs_exist_ok=True)
+    meta = describe(config, detector, fmt, _batch_size(graph, size))
+    if outside:
+        with torch.no_grad():
+            grid = graph.backbone(torch.zeros(1, 3, size, size))[graph.layers[0]].shape[-2:]
+        meta["search"] = detector.params.search
+        meta["outputs"] = [{"name": FEATURES_NAME, "dtype": "float32",
+                            "shape": ["batch", int(grid[0]), int(grid[1]), "features"],
+                            "note": f"patch features; the {detector.params.search} search over "
+                                    f"{DETECTOR_DIR}/ (memory bank and its cells), the "
+                                    "scores and maps run outside the graph "
+                                    "(PatchCore.score_embedded)"}]
+    (out / EXPORT_JSON).write_text(json.dumps(meta, indent=1))
     return out
 
 
