@@ -135,6 +135,17 @@ def make_object_on_dark_dataset(root: Path, n_good: int = 30, n_bad: int = 8,
     return root
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny convolutions: on a loaded 2-core machine a second intra-op thread only spins."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def folder_dataset(tmp_path: Path) -> Path:
     return make_folder_dataset(tmp_path / "product")

@@ -10,7 +10,6 @@ all positions (the default) brings the map back onto the defect.
 
 import numpy as np
 import pytest
-import torch
 
 from defectflow.tasks import datasets, features as features_mod
 from defectflow.tasks.evaluation.localization import patch_pixel_metrics
@@ -23,12 +22,7 @@ SIZE = 128
 BAR = 0.95  # pixel AUROC: PaDiM 0.964, PatchCore 0.985; PaDiM without shrinkage 0.928
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

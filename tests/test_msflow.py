@@ -25,13 +25,7 @@ SIZE = 64
 FAST = dict(layers=LAYERS, blocks=2, epochs=12, batch_size=4, learning_rate=2e-3, stack=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny convolutions: on a loaded 2-core machine a second intra-op thread only spins."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
