@@ -1,6 +1,6 @@
 """Serving throughput and export parity on the Magnetic Tile test images, in one run.
 
-    python bench/serving.py [--model NAME@ALIAS] [--tracking-uri URI] [--limit N] [--threads 2]
+    python bench/serving.py [--model NAME@ALIAS] [--params FILE] [--tracking-uri URI] [--limit N] [--threads 2]
                             [--recall-images N] [--skip-rest]
 
 Needs a PatchCore registered on Magnetic Tile and the 'export' extra. Registered with
@@ -61,16 +61,19 @@ from defectflow.tasks.tracking.exports import download_model_folder, exported_mo
 DEFAULT_MODEL = f"defectflow-magnetic-tile-magnetic_tile-{PatchCore.name}@champion"
 
 
-def test_images(cache_dir: Path, limit: int | None) -> pd.DataFrame:
-    """The pipeline's Magnetic Tile test split (path, label), from its cached manifest."""
-    for path in sorted((cache_dir / "manifests").glob("*.parquet")):
-        manifest = pd.read_parquet(path)
-        if manifest["path"].str.contains("magnetic-tile").any():
-            test = manifest[manifest["split"] == "test"].reset_index(drop=True)
-            if limit:
-                test = test.iloc[np.unique(np.linspace(0, len(test) - 1, limit).astype(int))]
-            return test.reset_index(drop=True)
-    raise SystemExit(f"no Magnetic Tile manifest under {cache_dir}: run the pipeline first")
+def test_images(params_file: str, limit: int | None) -> pd.DataFrame:
+    """The test split (path, label) of the pipeline run of ``params_file`` that registered the
+    model: the same scan, and so the same seeded split, from the pipeline's cache."""
+    from _pipeline import prepare_without_prefect
+
+    from defectflow.tasks.params import load_params
+
+    scanned, _, _ = prepare_without_prefect(load_params(params_file))
+    manifest = scanned.manifest.table()
+    test = manifest[manifest["split"] == "test"].reset_index(drop=True)
+    if limit:
+        test = test.iloc[np.unique(np.linspace(0, len(test) - 1, limit).astype(int))]
+    return test.reset_index(drop=True)
 
 
 def timed(function, *args):
@@ -177,7 +180,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
-    parser.add_argument("--cache-dir", default=".defectflow-cache")
+    parser.add_argument("--params", default="params/magnetic-tile.yaml",
+                        help="the params the model was registered with (its test split)")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--recall-images", type=int, default=100)
@@ -186,7 +190,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     load = os.getloadavg()
-    test = test_images(Path(args.cache_dir), args.limit)
+    test = test_images(args.params, args.limit)
     paths, labels = test["path"].tolist(), test["label"].to_numpy()
     resolved = resolve_model(args.model, args.tracking_uri)
     rows, frames = [], {}
