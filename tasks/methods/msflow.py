@@ -91,14 +91,12 @@ class MSFlowParams:
         if self.positional < 0 or self.positional % 4:
             raise ValueError(f"positional must be 0 or a positive multiple of 4, got "
                              f"{self.positional}")
-        for name in ("hidden_ratio", "clamp_alpha", "learning_rate"):
+        for name in ("hidden_ratio", "clamp_alpha", "learning_rate", "eps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.standardize not in STANDARDIZE:
             raise ValueError(f"standardize must be one of {STANDARDIZE}, got "
                              f"{self.standardize!r}")
-        if not self.eps > 0:
-            raise ValueError(f"eps must be > 0 (it keeps covariances invertible), got {self.eps}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.top_k <= 1:
