@@ -159,6 +159,13 @@ class PatchCore(FeatureDetector):
             self._exact.add(self.memory_bank)
         return self._exact
 
+    def _exact_neighbours(self, queries: np.ndarray, k: int = 1) -> np.ndarray:
+        """The ``k`` nearest bank rows of each query (n, k), searched exactly: by the cells'
+        one product over the bank ("ivf"), else by faiss's flat index."""
+        if self.params.search == "ivf":
+            return self.index.search_exactly(queries, k)
+        return self.exact_index.search(queries, k)[1]
+
     def _nearest(self, queries: np.ndarray) -> np.ndarray:
         """The bank row found nearest to each query (n,), by the configured search."""
         if self.params.search == "ivf":
@@ -203,8 +210,7 @@ class PatchCore(FeatureDetector):
         rows = np.arange(len(patch_scores))[:, None]
         worst = np.argpartition(-patch_scores, top - 1, axis=1)[:, :top]      # (n, top)
         picked = np.ascontiguousarray(queries[rows, worst].reshape(-1, queries.shape[2]))
-        found = (self.index.search_exactly(picked)[:, 0] if self.params.search == "ivf"
-                 else self.exact_index.search(picked, 1)[1][:, 0])
+        found = self._exact_neighbours(picked)[:, 0]
         distance = np.linalg.norm(picked - self.memory_bank[found], axis=1)
         patch_scores[rows, worst] = distance.reshape(worst.shape)
         nearest[rows, worst] = found.reshape(worst.shape)
@@ -221,10 +227,10 @@ class PatchCore(FeatureDetector):
         test_feats = queries[rows, worst]                      # m_test*
         anchors = self.memory_bank[nearest[rows, worst]]       # m*
         # N_b(m*), m* itself first; exactly unless the search is a graph (banks of millions).
-        if self.params.search == "ivf":
-            neighbours = self.index.search_exactly(anchors, k)
-        else:
+        if self.params.search == "hnsw":
             _, neighbours = self.index.search(anchors, k)
+        else:
+            neighbours = self._exact_neighbours(anchors, k)
         dists = np.linalg.norm(self.memory_bank[neighbours] - test_feats[:, None, :], axis=2)
         # w = 1 - exp(s*) / sum_{m in N_b(m*)} exp(||m_test* - m||), as a stable softmax.
         shifted = np.exp(dists - dists.max(axis=1, keepdims=True))
