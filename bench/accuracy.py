@@ -174,6 +174,11 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     started = time.strftime("%Y-%m-%d %H:%M:%S")
+
+    def report(rows: list[dict]) -> dict:
+        return dict(command=" ".join(sys.argv), started=started, summary=summarize(rows),
+                    rows=rows)
+
     with tempfile.TemporaryDirectory(prefix="defectflow-accuracy-") as scratch:
         for dataset in args.datasets:
             params_file = ROOT / DATASETS[dataset] if dataset in DATASETS else Path(dataset)
@@ -184,12 +189,11 @@ def main(argv=None) -> dict:
                     for row in measure(dataset, params_file, setting, seed,
                                        detectors, {**data, **extra}, scratch):
                         rows.append(row)
-                        result = dict(command=" ".join(sys.argv), started=started,
-                                      summary=summarize(rows), rows=rows)
-                        out.write_text(json.dumps(result, indent=1))
+                        out.write_text(json.dumps(report(rows), indent=1))
     print(f"\nmean ± std over {args.seeds} seed(s) (split and detector seeded); "
           f"score s: the validation and test images. JSON: {out}")
-    print(format_table(summarize(rows)))
+    result = report(rows)
+    print(format_table(result["summary"]))
     return result
 
 
