@@ -252,3 +252,25 @@ def test_second_stage_pool_reduces_the_candidates_of_several_chunks_together():
     assert _clusters_covered(oversample=4, pool=50) < 20
     # A pool of 100 reduces both chunks' candidates at once.
     assert _clusters_covered(oversample=4, pool=100) == 25
+
+
+def test_torch_flat_index_finds_what_faiss_flat_index_finds():
+    # PatchCore's exact search on a GPU; run on the CPU here, in blocks smaller than the
+    # queries, against faiss's flat index on the same bank.
+    import faiss
+
+    from defectflow.tasks.methods.flat_search import TorchFlatIndex
+
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(500, 24)).astype(np.float32)
+    queries = rng.normal(size=(130, 24)).astype(np.float32)
+    flat = faiss.IndexFlatL2(24)
+    flat.add(bank)
+    expected_d, expected_i = flat.search(queries, 5)
+    index = TorchFlatIndex(bank, "cpu", block_bytes=4 * len(bank) * 32)
+    assert index.rows_per_block == 32
+    found_d, found_i = index.search(queries, 5)
+    np.testing.assert_array_equal(found_i, expected_i)
+    np.testing.assert_allclose(found_d, expected_d, rtol=1e-4, atol=1e-4)
+    assert index.search(queries[:3], 900)[1].shape == (3, 500)   # k capped at the bank
+    assert index.search(queries[:0], 2)[1].shape == (0, 2)

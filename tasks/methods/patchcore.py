@@ -23,7 +23,8 @@ from scipy.ndimage import gaussian_filter
 from ..coreset import StreamingCoreset
 from .base import FeatureDetector, PatchSet
 from .cell_search import CellIndex
-from .torch_heads import PatchCoreHead, PatchEmbedHead
+from .flat_search import TorchFlatIndex
+from .torch_heads import MapPost, PatchCoreHead, PatchEmbedHead
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class PatchCoreParams:
     # +2 image / +8 pixel AUROC points on 100 train images of Magnetic Tile at 256 px.
     border_pooling: str = "zero_padded"
     smoothing_sigma: float = 4.0       # Gaussian blur of the upsampled anomaly map
-    # "exact" (faiss flat L2), "hnsw" (graph, for banks of millions) or "ivf" (inverted lists:
+    # "exact" (faiss flat L2; on a GPU, matrix products there), "hnsw" (graph, for banks of millions) or "ivf" (inverted lists:
     # each query scans ivf_probe of the bank's ivf_lists k-means cells, cell_search.py).
     search: str = "exact"
     hnsw_neighbors: int = 32           # HNSW graph degree (M)
@@ -107,6 +108,7 @@ class PatchCore(FeatureDetector):
         self._index: faiss.Index | None = None
         self._exact: faiss.Index | None = None
         self._cells: CellIndex | None = None
+        self._search_device = "cpu"  # where the exact search runs: the scored features' device
 
     # -- fitting ---------------------------------------------------------------
     def fit(self, train: PatchSet) -> "PatchCore":
@@ -152,12 +154,24 @@ class PatchCore(FeatureDetector):
         return self._index
 
     @property
-    def exact_index(self) -> faiss.Index:
-        """faiss's flat (exact) index over the bank."""
+    def exact_index(self) -> faiss.Index | TorchFlatIndex:
+        """The flat (exact) index over the bank: faiss's on the CPU, torch products on the
+        device the features are scored on otherwise (a GPU)."""
         if self._exact is None:
-            self._exact = faiss.IndexFlatL2(self.memory_bank.shape[1])
-            self._exact.add(self.memory_bank)
+            if self._search_device == "cpu":
+                self._exact = faiss.IndexFlatL2(self.memory_bank.shape[1])
+                self._exact.add(self.memory_bank)
+            else:
+                self._exact = TorchFlatIndex(self.memory_bank, self._search_device)
         return self._exact
+
+    def _search_on(self, device: str) -> None:
+        """Exact searches from now on run on ``device`` (indexes are rebuilt on a change)."""
+        if device != self._search_device:
+            self._search_device = device
+            self._exact = None
+            if self.params.search == "exact":
+                self._index = None
 
     def _exact_neighbours(self, queries: np.ndarray, k: int = 1) -> np.ndarray:
         """The ``k`` nearest bank rows of each query (n, k), searched exactly: by the cells'
@@ -177,6 +191,7 @@ class PatchCore(FeatureDetector):
         size = batch.input_size
         scores = np.zeros(len(batch), dtype=np.float32)
         anomaly_maps = np.zeros((len(batch), size, size), dtype=np.float32)
+        self._search_on(batch.device)
         for part, maps in batch.feature_chunks(self.params.layers):
             feats = embed(maps, self.params.layers, self.params.border_pooling)
             scores[part], anomaly_maps[part] = self.score_embedded(feats.numpy(), size)
@@ -238,6 +253,11 @@ class PatchCore(FeatureDetector):
         return (weight * best_score).astype(np.float32)
 
     def _anomaly_maps(self, patch_scores: np.ndarray, size: int) -> np.ndarray:
+        if self._search_device != "cpu" and MapPost.fits(size, self.params.smoothing_sigma):
+            # On a GPU: the exported graph's upsampling and blur (scipy's, as convolutions).
+            post = MapPost(size, self.params.smoothing_sigma).to(self._search_device)
+            with torch.inference_mode():
+                return post(torch.from_numpy(patch_scores).to(self._search_device)).cpu().numpy()
         maps = F.interpolate(torch.from_numpy(patch_scores[:, None]), size=(size, size),
                              mode="bilinear", align_corners=False)[:, 0].numpy()
         sigma = self.params.smoothing_sigma

@@ -43,11 +43,16 @@ class MapPost(nn.Module):
         if self.sigma > 0:
             kernel = torch.from_numpy(gaussian_kernel(self.sigma))
             radius = (len(kernel) - 1) // 2
-            if radius > size:
+            if not self.fits(size, sigma):
                 raise ValueError(f"smoothing radius {radius} exceeds the map size {size}")
             self.register_buffer("kernel_x", kernel.view(1, 1, 1, -1))
             self.register_buffer("kernel_y", kernel.view(1, 1, -1, 1))
             self.register_buffer("pad_index", _reflect_index(size, radius))
+
+    @staticmethod
+    def fits(size: int, sigma: float) -> bool:
+        """Whether the blur's reflection padding fits in a map of ``size``."""
+        return sigma <= 0 or int(4.0 * float(sigma) + 0.5) <= size
 
     def forward(self, patch_scores: torch.Tensor) -> torch.Tensor:
         maps = F.interpolate(patch_scores[:, None], size=(self.size, self.size),
