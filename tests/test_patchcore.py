@@ -88,6 +88,13 @@ def test_patchcore_separates_generated_defects_and_localizes_them(product, tmp_p
     assert maps.shape == (len(test), 64, 64)
     labels = test.table["label"].to_numpy()
     assert image_metrics(labels, scores, float(np.median(scores)))["image_auroc"] >= 0.95
+    # The GPU scoring path (torch search and map blur on the features' device), run here on
+    # the CPU under another device name: the same scores and maps as faiss and scipy.
+    gpu_path_scores, gpu_path_maps = detector.score(dataclasses.replace(test, device="cpu:0"))
+    assert type(detector.exact_index).__name__ == "TorchFlatIndex"
+    np.testing.assert_allclose(gpu_path_scores, scores, rtol=1e-5)
+    np.testing.assert_allclose(gpu_path_maps, maps, rtol=1e-4, atol=1e-5 * maps.max())
+    assert detector.score(test)[0].tolist() == scores.tolist()   # back on faiss
 
     from defectflow.tasks.images import read_mask
     import cv2
