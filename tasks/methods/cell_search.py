@@ -86,20 +86,11 @@ class CellIndex:
         ranking = torch.addmm(self._centroid_sq, queries, self._centroids_t, alpha=-2.0)
         return ranking.topk(self.probe, dim=1, largest=False, sorted=False).indices
 
-    def search_exactly(self, queries: np.ndarray, k: int = 1) -> np.ndarray:
-        """The ``k`` bank rows nearest to each query (n, k), nearest first, over the whole
-        bank: for the few queries searched again exactly (one product per 1024 queries;
-        faiss's flat index was measured 4x slower for these few hundred queries)."""
-        found = []
-        for start in range(0, len(queries), 1024):
-            part = torch.from_numpy(np.ascontiguousarray(queries[start:start + 1024], np.float32))
-            dist = torch.addmm(self._sorted_sq, part, self._sorted_t, alpha=-2.0)
-            found.append(dist.topk(k, dim=1, largest=False, sorted=True).indices.numpy())
-        rows = np.concatenate(found) if found else np.zeros((0, k), np.int64)
-        return self.order[rows]
-
-    def search(self, queries: np.ndarray) -> np.ndarray:
-        """The bank row nearest to each query (n,) among the probed cells."""
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """faiss's ``search`` for ``k`` = 1: (squared distances (n, 1), bank rows (n, 1)) of
+        the bank vector nearest to each query among the probed cells."""
+        if k != 1:
+            raise ValueError(f"the cell search finds the nearest vector only (k=1), not k={k}")
         queries = torch.from_numpy(np.ascontiguousarray(queries, np.float32))
         n = len(queries)
         cells = self.probed_cells(queries).reshape(-1)
@@ -123,4 +114,5 @@ class CellIndex:
             who = who[better]
             best[who] = value[better]
             nearest[who] = local[better] + start
-        return self.order[nearest.numpy()]
+        best += (queries * queries).sum(1)
+        return best.clamp_min(0).numpy()[:, None], self.order[nearest.numpy()][:, None]
