@@ -32,8 +32,10 @@ def preflight(params: PipelineParams, origin: ParamsOrigin | None = None) -> Non
     check_device(features.device, origin.of("features.device"))
     if features.combined:
         from ..tasks.feature_sources import check_sources
+        from ..tasks.methods.cutpaste_encoder import encoder_params
 
-        check_sources(features, origin.of("features.sources"))
+        check_sources(features, origin.of("features.sources"),
+                      cutpaste=encoder_params(features, params.methods))
     if REGISTRY[params.dataset.layout].needs_source:
         source_fingerprint(params.dataset.layout, params.dataset.path)
     writable_folder(params.cache_dir, "cache_dir", params.min_free_gb)
