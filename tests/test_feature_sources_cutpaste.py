@@ -133,7 +133,8 @@ def test_maps_are_the_trained_encoders_and_a_rerun_reuses_them(prepared, spies):
     assert other_encoder.key != encoder.key
 
 
-def test_a_registered_model_carries_the_encoder_and_scores_as_the_pipeline(prepared, tmp_path):
+def test_a_registered_model_carries_the_encoder_and_scores_as_the_pipeline(prepared, tmp_path,
+                                                                          spies):
     import mlflow
 
     from defectflow.tasks.serving import ScoringConfig, write_model_folder
@@ -141,43 +142,69 @@ def test_a_registered_model_carries_the_encoder_and_scores_as_the_pipeline(prepa
     from defectflow.tasks.tracking.pyfunc import DetectorPyfunc
 
     p = prepared
-    params = PipelineParams(features=dataclasses.asdict(hetero(LITE0, ENCODER, channels=12)),
-                            methods={PatchCore.name: {"coreset_ratio": 0.5}, PaDiM.name: {},
-                                     CutPaste.name: TINY})
+    params = PipelineParams(features=dataclasses.asdict(hetero(LITE0, ENCODER)),
+                            methods={PaDiM.name: {}, CutPaste.name: TINY})
     features = params.features
     cutpaste = encoder_params(features, params.methods)
     assert cutpaste is params.methods[CutPaste.name]   # the method's own settings
     _, store = encoder_and_store(p, features, cutpaste)
-    manifest = p["manifest"].table().set_index("image_id")
-    for method in (PatchCore.name, PaDiM.name):
-        model = steps.train_step(store, p["patches"], p["manifest"], CATEGORY, method,
-                                 params.methods[method], features, p["stats"], p["cache"])
-        assert {TRANSFORM_NAME, ENCODER_FILE} <= {f.name for f in Path(model.path).iterdir()}
-        scored = steps.score_step(model, store, p["patches"], p["manifest"], CATEGORY, method,
-                                  features, p["stats"], p["cache"])
-        table = pd.read_parquet(Path(scored.path) / "scores.parquet")
-        config = ScoringConfig(method=method, dataset="d", category=CATEGORY,
-                               features=features, mean=tuple(p["stats"]["mean"]),
-                               std=tuple(p["stats"]["std"]), threshold=0.0)
-        folder = write_model_folder(tmp_path / method, model.path, config)
-        paths = manifest.loc[table["image_id"], "path"].tolist()
-        served = ImageScorer.from_folder(folder).score(paths)["score"].to_numpy()
-        np.testing.assert_allclose(served, table["score"].to_numpy(), rtol=1e-4, atol=1e-5)
-        if method == PaDiM.name:
-            # The MLflow pyfunc as the registry logs it (saved and loaded back by MLflow).
-            saved = tmp_path / "pyfunc"
-            mlflow.pyfunc.save_model(str(saved), python_model=DetectorPyfunc(),
-                                     artifacts={"model": str(folder)})
-            predicted = mlflow.pyfunc.load_model(str(saved)).predict(
-                pd.DataFrame({"path": paths}))
-            np.testing.assert_allclose(predicted["score"].to_numpy(), table["score"].to_numpy(),
-                                       rtol=1e-4, atol=1e-5)
+    model = steps.train_step(store, p["patches"], p["manifest"], CATEGORY, PaDiM.name,
+                             params.methods[PaDiM.name], features, p["stats"], p["cache"])
+    assert {TRANSFORM_NAME, ENCODER_FILE} <= {f.name for f in Path(model.path).iterdir()}
+    scored = steps.score_step(model, store, p["patches"], p["manifest"], CATEGORY, PaDiM.name,
+                              features, p["stats"], p["cache"])
+    table = pd.read_parquet(Path(scored.path) / "scores.parquet")
+    config = ScoringConfig(method=PaDiM.name, dataset="d", category=CATEGORY, features=features,
+                           mean=tuple(p["stats"]["mean"]), std=tuple(p["stats"]["std"]),
+                           threshold=0.0)
+    folder = write_model_folder(tmp_path / "registered", model.path, config)
+    # The MLflow pyfunc as the registry logs it, saved and loaded back by MLflow, scores the
+    # validation and test images as the pipeline did (ImageScorer does the work inside).
+    spies["extracted"].clear()
+    saved = tmp_path / "pyfunc"
+    mlflow.pyfunc.save_model(str(saved), python_model=DetectorPyfunc(),
+                             artifacts={"model": str(folder)})
+    paths = p["manifest"].table().set_index("image_id").loc[table["image_id"], "path"].tolist()
+    predicted = mlflow.pyfunc.load_model(str(saved)).predict(pd.DataFrame({"path": paths}))
+    np.testing.assert_allclose(predicted["score"].to_numpy(), table["score"].to_numpy(),
+                               rtol=1e-4, atol=1e-5)
+    # Its features came from the encoder the model carries (and ImageNet Lite0).
+    assert sorted(spies["extracted"]) == [f"{CutPaste.name}:efficientnet_lite0",
+                                          "efficientnet_lite0"]
+    assert (predicted["score"].to_numpy()[table["label"].to_numpy() == 1].mean()
+            > predicted["score"].to_numpy()[table["label"].to_numpy() == 0].mean())
     # Without its encoder the model cannot make its features: one line says why.
     (folder / "detector" / ENCODER_FILE).unlink()
     with pytest.raises(DefectflowError, match=re.escape(
             f"features.sources[1] reads the encoder {CutPaste.name} trained")) as caught:
         ImageScorer.from_folder(folder).score(paths[:1])
     assert "\n" not in str(caught.value)
+
+
+def test_the_cutpaste_model_scores_synthetic_images_as_real_ones(prepared, tmp_path):
+    """One-class fusion scores synthetic images with every detector: CutPaste, trained before
+    the features (no transform in its folder), reads pixels only and needs no feature store."""
+    import shutil
+
+    from defectflow.tasks.cache import Ref
+
+    p, features = prepared, hetero(LITE0, ENCODER)
+    encoder, store = encoder_and_store(p, features, CutPasteParams(**TINY))
+    scored = steps.score_step(encoder, store, p["patches"], p["manifest"], CATEGORY,
+                              CutPaste.name, features, p["stats"], p["cache"])
+    table = pd.read_parquet(Path(scored.path) / "scores.parquet").head(3)
+    copies = p["manifest"].table().set_index("image_id").loc[table["image_id"]].reset_index()
+    (tmp_path / "images").mkdir()
+    for i, path in enumerate(copies["path"]):
+        shutil.copy(path, tmp_path / "images" / f"{i}.png")
+    copies["path"] = [str(tmp_path / "images" / f"{i}.png") for i in range(len(copies))]
+    copies["image_id"] = [f"copy/{i}" for i in range(len(copies))]
+    copies["split"] = "synthetic"
+    copies.to_parquet(tmp_path / "manifest.parquet", index=False)
+    ref = steps.synthetic_scores_step(encoder, CutPaste.name, Ref(str(tmp_path), "copies"),
+                                      CATEGORY, features, p["stats"], p["cache"])
+    got = pd.read_parquet(Path(ref.path) / "scores.parquet")["score"].to_numpy()
+    np.testing.assert_allclose(got, table["score"].to_numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_the_flow_trains_cutpaste_once_before_the_features(prepared, tmp_path, spies):
