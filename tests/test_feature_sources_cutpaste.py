@@ -18,15 +18,15 @@ import pytest
 import torch
 import yaml
 
-from conftest import make_folder_dataset
+from conftest import copies_as_synthetic, make_folder_dataset
 from defectflow.tasks import features as features_lib
 from defectflow.tasks import steps
 from defectflow.tasks.errors import DefectflowError
-from defectflow.tasks.feature_settings import COMBINED_LAYER, FeatureSettings
+from defectflow.tasks.feature_settings import FeatureSettings
 from defectflow.tasks.feature_sources import check_sources
 from defectflow.tasks.feature_transform import TRANSFORM_NAME
 from defectflow.tasks.features import preprocess
-from defectflow.tasks.methods import CutPaste, PaDiM, PatchCore
+from defectflow.tasks.methods import CutPaste, PaDiM
 from defectflow.tasks.methods.cutpaste import CutPasteParams
 from defectflow.tasks.methods.cutpaste_encoder import ENCODER_FILE, encoder_params
 from defectflow.tasks.params import DatasetParams, PipelineParams
@@ -184,24 +184,13 @@ def test_a_registered_model_carries_the_encoder_and_scores_as_the_pipeline(prepa
 def test_the_cutpaste_model_scores_synthetic_images_as_real_ones(prepared, tmp_path):
     """One-class fusion scores synthetic images with every detector: CutPaste, trained before
     the features (no transform in its folder), reads pixels only and needs no feature store."""
-    import shutil
-
-    from defectflow.tasks.cache import Ref
-
     p, features = prepared, hetero(LITE0, ENCODER)
     encoder, store = encoder_and_store(p, features, CutPasteParams(**TINY))
     scored = steps.score_step(encoder, store, p["patches"], p["manifest"], CATEGORY,
                               CutPaste.name, features, p["stats"], p["cache"])
     table = pd.read_parquet(Path(scored.path) / "scores.parquet").head(3)
-    copies = p["manifest"].table().set_index("image_id").loc[table["image_id"]].reset_index()
-    (tmp_path / "images").mkdir()
-    for i, path in enumerate(copies["path"]):
-        shutil.copy(path, tmp_path / "images" / f"{i}.png")
-    copies["path"] = [str(tmp_path / "images" / f"{i}.png") for i in range(len(copies))]
-    copies["image_id"] = [f"copy/{i}" for i in range(len(copies))]
-    copies["split"] = "synthetic"
-    copies.to_parquet(tmp_path / "manifest.parquet", index=False)
-    ref = steps.synthetic_scores_step(encoder, CutPaste.name, Ref(str(tmp_path), "copies"),
+    rows = p["manifest"].table().set_index("image_id").loc[table["image_id"]].reset_index()
+    ref = steps.synthetic_scores_step(encoder, CutPaste.name, copies_as_synthetic(rows, tmp_path),
                                       CATEGORY, features, p["stats"], p["cache"])
     got = pd.read_parquet(Path(ref.path) / "scores.parquet")["score"].to_numpy()
     np.testing.assert_allclose(got, table["score"].to_numpy(), rtol=1e-5, atol=1e-5)
