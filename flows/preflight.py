@@ -22,7 +22,11 @@ def preflight(params: PipelineParams, origin: ParamsOrigin | None = None) -> Non
     try:
         layers = available_layers(features.backbone)
     except DefectflowError as exc:
-        raise DefectflowError(f"features.backbone: {exc}", origin.of("features.backbone")
+        from ..tasks.methods.cutpaste_encoder import ENCODER_SOURCE
+
+        hint = (f" ({ENCODER_SOURCE}'s encoder is a source of a feature ensemble: list it "
+                "under features.sources)" if features.backbone == ENCODER_SOURCE else "")
+        raise DefectflowError(f"features.backbone: {exc}{hint}", origin.of("features.backbone")
                               ) from None
     unknown = [layer for layer in features.layers if layer not in layers]
     if unknown:

@@ -248,3 +248,14 @@ def test_encoder_settings_are_the_methods_or_cutpastes_defaults():
     assert encoder_params(features, {}) == CutPasteParams()
     own = CutPasteParams(epochs=2)
     assert encoder_params(features, {CutPaste.name: own}) is own
+
+
+def test_the_encoder_as_a_single_backbone_points_at_features_sources():
+    from defectflow.flows.preflight import preflight
+
+    params = PipelineParams(features={"backbone": CutPaste.name, "layers": ["blocks.5"]})
+    with pytest.raises(DefectflowError, match=re.escape(
+            f"features.backbone: unknown backbone '{CutPaste.name}'")) as caught:
+        preflight(params)
+    assert "list it under features.sources" in str(caught.value)
+    assert "\n" not in str(caught.value)
