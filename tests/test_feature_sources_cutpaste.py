@@ -68,9 +68,8 @@ def encoder_and_store(p, features, cutpaste):
     return encoder, store
 
 
-@pytest.fixture
-def spies(monkeypatch):
-    """The networks whose maps are extracted, and the number of CutPaste fits."""
+def spy_on(patcher) -> dict:
+    """Record the networks whose maps are extracted and the number of CutPaste fits."""
     seen = {"extracted": [], "fits": 0}
     write, fit = features_lib._write_feature_maps, CutPaste.fit
 
@@ -82,16 +81,31 @@ def spies(monkeypatch):
         seen["fits"] += 1
         return fit(self, train)
 
-    monkeypatch.setattr(features_lib, "_write_feature_maps", spy_write)
-    monkeypatch.setattr(CutPaste, "fit", spy_fit)
+    patcher.setattr(features_lib, "_write_feature_maps", spy_write)
+    patcher.setattr(CutPaste, "fit", spy_fit)
     return seen
 
 
-def test_maps_are_the_trained_encoders_and_a_rerun_reuses_them(prepared, spies):
-    p, features = prepared, hetero(LITE0, ENCODER)
-    cutpaste = CutPasteParams(**TINY)
-    encoder, store = encoder_and_store(p, features, cutpaste)
-    assert spies["fits"] == 1 and sorted(spies["extracted"]) == [
+@pytest.fixture
+def spies(monkeypatch):
+    return spy_on(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def trained(prepared):
+    """The encoder trained and the features extracted once, as the flow does, in the module's
+    fresh cache (the first use of these settings there), with the work it took."""
+    with pytest.MonkeyPatch.context() as patcher:
+        seen = spy_on(patcher)
+        encoder, store = encoder_and_store(prepared, hetero(LITE0, ENCODER),
+                                           CutPasteParams(**TINY))
+    return dict(encoder=encoder, store=store, **seen)
+
+
+def test_maps_are_the_trained_encoders_and_a_rerun_reuses_them(prepared, trained, spies):
+    p, features, cutpaste = prepared, hetero(LITE0, ENCODER), CutPasteParams(**TINY)
+    encoder, store = trained["encoder"], trained["store"]
+    assert trained["fits"] == 1 and sorted(trained["extracted"]) == [
         f"{CutPaste.name}:efficientnet_lite0", "efficientnet_lite0"]
     meta = json.loads((Path(store.directory) / "meta.json").read_text())
     member = features_lib.open_store(p["cache"], meta["sources"][1])
@@ -119,22 +133,22 @@ def test_maps_are_the_trained_encoders_and_a_rerun_reuses_them(prepared, spies):
     assert (Path(store.directory) / ENCODER_FILE).is_file()
 
     # A rerun: the encoder and every store are found, nothing trains or extracts.
-    spies["extracted"].clear()
+    spies["extracted"].clear()   # the ImageNet store above
     again_encoder, again = encoder_and_store(p, features, cutpaste)
     assert (again_encoder, again) == (encoder, store)
-    assert spies["fits"] == 1 and spies["extracted"] == []
+    assert spies["fits"] == 0 and spies["extracted"] == []
 
     # Another CutPaste setting: CutPaste retrains and only its member is extracted again.
     other_encoder, other = encoder_and_store(p, features, dataclasses.replace(cutpaste, seed=1))
-    assert spies["fits"] == 2 and spies["extracted"] == [f"{CutPaste.name}:efficientnet_lite0"]
+    assert spies["fits"] == 1 and spies["extracted"] == [f"{CutPaste.name}:efficientnet_lite0"]
     other_meta = json.loads((Path(other.directory) / "meta.json").read_text())
     assert other_meta["sources"][0] == meta["sources"][0]
     assert other_meta["sources"][1] != meta["sources"][1] and other.key != store.key
     assert other_encoder.key != encoder.key
 
 
-def test_a_registered_model_carries_the_encoder_and_scores_as_the_pipeline(prepared, tmp_path,
-                                                                          spies):
+def test_a_registered_model_carries_the_encoder_and_scores_as_the_pipeline(prepared, trained,
+                                                                          tmp_path, spies):
     import mlflow
 
     from defectflow.tasks.serving import ScoringConfig, write_model_folder
@@ -148,6 +162,7 @@ def test_a_registered_model_carries_the_encoder_and_scores_as_the_pipeline(prepa
     cutpaste = encoder_params(features, params.methods)
     assert cutpaste is params.methods[CutPaste.name]   # the method's own settings
     _, store = encoder_and_store(p, features, cutpaste)
+    assert store == trained["store"] and spies["fits"] == 0    # the same keys: found
     model = steps.train_step(store, p["patches"], p["manifest"], CATEGORY, PaDiM.name,
                              params.methods[PaDiM.name], features, p["stats"], p["cache"])
     assert {TRANSFORM_NAME, ENCODER_FILE} <= {f.name for f in Path(model.path).iterdir()}
@@ -181,11 +196,11 @@ def test_a_registered_model_carries_the_encoder_and_scores_as_the_pipeline(prepa
     assert "\n" not in str(caught.value)
 
 
-def test_the_cutpaste_model_scores_synthetic_images_as_real_ones(prepared, tmp_path):
+def test_the_cutpaste_model_scores_synthetic_images_as_real_ones(prepared, trained, tmp_path):
     """One-class fusion scores synthetic images with every detector: CutPaste, trained before
     the features (no transform in its folder), reads pixels only and needs no feature store."""
     p, features = prepared, hetero(LITE0, ENCODER)
-    encoder, store = encoder_and_store(p, features, CutPasteParams(**TINY))
+    encoder, store = trained["encoder"], trained["store"]
     scored = steps.score_step(encoder, store, p["patches"], p["manifest"], CATEGORY,
                               CutPaste.name, features, p["stats"], p["cache"])
     table = pd.read_parquet(Path(scored.path) / "scores.parquet").head(3)
