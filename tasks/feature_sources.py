@@ -88,12 +88,6 @@ def _network(source, index: int, encoder: str | Path | None):
     return encoder_network(encoder)
 
 
-def transform_path(store: FeatureStoreRef) -> Path | None:
-    """The transform a combined store was made with (None for a single backbone's store)."""
-    path = Path(store.directory) / TRANSFORM_NAME
-    return path if path.is_file() else None
-
-
 def carried_files(store: FeatureStoreRef) -> list[Path]:
     """What a model trained on ``store`` must carry to score new images the same way: a
     combined store's transform, and the trained encoder when a source read one."""
