@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from defectflow.tasks.cache import Ref
 from defectflow.tasks.features import FeatureStoreRef
+from defectflow.tasks.methods import CutPaste
+from defectflow.tasks.methods.cutpaste_encoder import encoder_params
 from defectflow.tasks.steps import (
     ScanRefs,
     features_step,
@@ -16,6 +18,7 @@ from defectflow.tasks.steps import (
     patches_step,
     scan_step,
     source_fingerprint,
+    train_step,
 )
 
 
@@ -36,6 +39,10 @@ def category_features_without_prefect(params, scanned: ScanRefs, patches: Ref, c
                if params.preprocessing.denoise else None)
     stats = {**normalization_step(patches, scanned.manifest, category, params.normalization,
                                   denoise), "denoise": denoise}
+    cutpaste, encoder = encoder_params(params.features, params.methods), None
+    if cutpaste is not None:  # a source reads CutPaste's encoder: trained first, as in the flow
+        encoder = train_step(None, patches, scanned.manifest, category, CutPaste.name, cutpaste,
+                             params.features, stats, cache_dir)
     store = features_step(patches, scanned.manifest, category, params.features, stats,
-                          cache_dir, progress=False)
+                          cache_dir, progress=False, encoder=encoder)
     return stats, store

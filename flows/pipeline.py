@@ -3,7 +3,8 @@
     1 scan + categorize → manifest, count table, image-property clusters
     2 patches           → patch table
     3 normalization     → per-category channel mean/std
-    4 features          → content-addressed feature store
+    4 features          → content-addressed feature store (after CutPaste's training
+                          when a feature source reads its encoder)
     5 train             → fitted detector per (category, method)
     6 score             → image scores + anomaly maps
     7 evaluate          → metrics, ROC, overlays
@@ -33,7 +34,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from ..tasks import steps
 from ..tasks.cache import remove_stale_partials
 from ..tasks.cores import shares_cores
-from ..tasks.methods import source_hash
+from ..tasks.methods import CutPaste, source_hash
+from ..tasks.methods.cutpaste_encoder import encoder_params
 from ..tasks.params import PipelineParams
 from ..tasks.patches import warn_if_squashed
 from ..tasks.results import CategoryPlots, DetectorResult, FusionResult, PipelineSummary, scope
@@ -103,22 +105,34 @@ def pipeline(params: PipelineParams, verbose: bool = True,
                          p.patches.stride, p.patches.min_mean_intensity, cache)
 
     results, fusions, plots = [], [], []
+    cutpaste = encoder_params(p.features, p.methods)  # None: no source reads its encoder
     for category in sorted(scanned.manifest.table()["category"].unique()):
         stats = log.submit(f"normalization {scope(category)}", normalize, patches, scanned.manifest,
                            category, p.normalization, denoise)
         # The preprocessing travels with the statistics: every later step (and its cache key)
         # sees the same pixels.
         stats = log.then(stats, lambda stats: {**stats, "denoise": denoise})
+        # A feature source reading CutPaste's encoder: CutPaste trains first, on pixels (no
+        # store); the features step waits for it, and the CutPaste method reuses the model.
+        encoder = None
+        if cutpaste is not None:
+            encoder = log.submit(f"train {scope(category, CutPaste.name)}", train, None,
+                                 patches, scanned.manifest, category, CutPaste.name, cutpaste,
+                                 p.features, stats, cache,
+                                 method_source=source_hash(CutPaste.name))
         # No progress bars: the step log's status line shows what is running.
         store = log.submit(f"features {scope(category)}", extract_features, patches,
                            scanned.manifest, category, p.features, stats, cache,
-                           progress=False)
+                           progress=False, encoder=encoder)
         # Each method's parameter object, as the params validator built it.
         for method, method_params in p.methods.items():
             where = scope(category, method)
-            model = log.submit(f"train {where}", train, store, patches, scanned.manifest,
-                               category, method, method_params, p.features, stats, cache,
-                               method_source=source_hash(method))
+            if encoder is not None and method == CutPaste.name:
+                model = encoder  # the same settings (``encoder_params``): trained once
+            else:
+                model = log.submit(f"train {where}", train, store, patches, scanned.manifest,
+                                   category, method, method_params, p.features, stats, cache,
+                                   method_source=source_hash(method))
             scores = log.submit(f"score {where}", score, model, store, patches, scanned.manifest,
                                 category, method, p.features, stats, cache)
             evaluated = log.submit(f"evaluate {where}", evaluate, scores, scanned.manifest,

@@ -22,7 +22,11 @@ def preflight(params: PipelineParams, origin: ParamsOrigin | None = None) -> Non
     try:
         layers = available_layers(features.backbone)
     except DefectflowError as exc:
-        raise DefectflowError(f"features.backbone: {exc}", origin.of("features.backbone")
+        from ..tasks.methods.cutpaste_encoder import ENCODER_SOURCE
+
+        hint = (f" ({ENCODER_SOURCE}'s encoder is a source of a feature ensemble: list it "
+                "under features.sources)" if features.backbone == ENCODER_SOURCE else "")
+        raise DefectflowError(f"features.backbone: {exc}{hint}", origin.of("features.backbone")
                               ) from None
     unknown = [layer for layer in features.layers if layer not in layers]
     if unknown:
@@ -32,8 +36,10 @@ def preflight(params: PipelineParams, origin: ParamsOrigin | None = None) -> Non
     check_device(features.device, origin.of("features.device"))
     if features.combined:
         from ..tasks.feature_sources import check_sources
+        from ..tasks.methods.cutpaste_encoder import encoder_params
 
-        check_sources(features, origin.of("features.sources"))
+        check_sources(features, origin.of("features.sources"),
+                      cutpaste=encoder_params(features, params.methods))
     if REGISTRY[params.dataset.layout].needs_source:
         source_fingerprint(params.dataset.layout, params.dataset.path)
     writable_folder(params.cache_dir, "cache_dir", params.min_free_gb)

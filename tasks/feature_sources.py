@@ -14,11 +14,17 @@ files). With ``features.sources`` (thesis 004, 2.1) it builds
    and the transform's content), one layer (``COMBINED_LAYER``) that PatchCore, PaDiM and the
    discriminator read like any backbone layer. The transform is kept beside it
    (``TRANSFORM_NAME``) so that the models trained on it can carry it.
+
+A source ``{backbone: cutpaste, layers: [...]}`` reads the encoder CutPaste trained in this
+run (``methods.cutpaste_encoder``): its file (``encoder``) is the member's network, its
+CutPaste model key is in the member's store key, and it is kept beside the combined store
+too (``ENCODER_FILE``), for the models to carry.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +38,8 @@ from .feature_settings import COMBINED_LAYER, FeatureSettings
 from .feature_transform import TRANSFORM_NAME, FeatureTransform, fit_transform, to_grid
 from .features import FeatureStoreRef, extract_features, open_store
 from .images import text_hash
+from .methods.cutpaste_encoder import (ENCODER_FILE, ENCODER_SOURCE, encoder_layers,
+                                       encoder_network, pretrained_channels)
 
 CHUNK = 32  # images per chunk while fitting and combining: bounds the float32 working maps
 
@@ -40,19 +48,21 @@ def feature_store(patch_table: pd.DataFrame, manifest: pd.DataFrame,
                   settings: FeatureSettings, *, mean, std, cache_dir: str | Path,
                   progress: bool = True, denoise: dict | None = None,
                   train: np.ndarray | None = None,
-                  transform: str | Path | None = None) -> FeatureStoreRef:
+                  transform: str | Path | None = None,
+                  encoder: str | Path | None = None) -> FeatureStoreRef:
     """The feature store the detectors read for ``patch_table``.
 
     Combined settings need either ``train`` (a boolean mask of the rows the transform is
-    fitted on) or ``transform`` (a saved transform, e.g. a registered model's).
+    fitted on) or ``transform`` (a saved transform, e.g. a registered model's); a
+    ``cutpaste`` source needs ``encoder``, the file of the encoder CutPaste trained.
     """
     if not settings.combined:
         return extract_features(patch_table, manifest, settings, mean=mean, std=std,
                                 cache_dir=cache_dir, progress=progress, denoise=denoise)
     members = [extract_features(patch_table, manifest, settings.source_settings(source),
                                 mean=mean, std=std, cache_dir=cache_dir, progress=progress,
-                                denoise=denoise)
-               for source in settings.sources]
+                                denoise=denoise, network=_network(source, i, encoder))
+               for i, source in enumerate(settings.sources)]
     if transform is not None:
         fitted = FeatureTransform.load(transform)
         if fitted.source_channels != tuple(_channels(m) for m in members):
@@ -62,13 +72,28 @@ def feature_store(patch_table: pd.DataFrame, manifest: pd.DataFrame,
         fitted = _fitted_transform(members, settings, np.asarray(train, bool), cache_dir)
     else:
         raise ValueError("combined feature settings need the training rows or a transform")
-    return _combined_store(members, fitted, patch_table, cache_dir)
+    uses_encoder = any(s.backbone == ENCODER_SOURCE for s in settings.sources)
+    return _combined_store(members, fitted, patch_table, cache_dir,
+                           encoder if uses_encoder else None)
 
 
-def transform_path(store: FeatureStoreRef) -> Path | None:
-    """The transform a combined store was made with (None for a single backbone's store)."""
-    path = Path(store.directory) / TRANSFORM_NAME
-    return path if path.is_file() else None
+def _network(source, index: int, encoder: str | Path | None):
+    """The trained network a source reads (CutPaste's encoder), None for a named backbone."""
+    if source.backbone != ENCODER_SOURCE:
+        return None
+    if encoder is None:
+        raise DefectflowError(f"features.sources[{index}] reads the encoder {ENCODER_SOURCE} "
+                              "trained, but none was given (a model folder without "
+                              f"{ENCODER_FILE}?)")
+    return encoder_network(encoder)
+
+
+def carried_files(store: FeatureStoreRef) -> list[Path]:
+    """What a model trained on ``store`` must carry to score new images the same way: a
+    combined store's transform, and the trained encoder when a source read one."""
+    folder = Path(store.directory)
+    return [folder / name for name in (TRANSFORM_NAME, ENCODER_FILE)
+            if (folder / name).is_file()]
 
 
 def _channels(store: FeatureStoreRef) -> int:
@@ -108,7 +133,8 @@ def _fitted_transform(members: list[FeatureStoreRef], settings: FeatureSettings,
 
 
 def _combined_store(members: list[FeatureStoreRef], fitted: FeatureTransform,
-                    patch_table: pd.DataFrame, cache_dir: str | Path) -> FeatureStoreRef:
+                    patch_table: pd.DataFrame, cache_dir: str | Path,
+                    encoder: str | Path | None) -> FeatureStoreRef:
     key = text_hash("combined-v1", *(m.key for m in members), fitted.digest())
     found = open_store(cache_dir, key)
     if found is not None:
@@ -123,6 +149,8 @@ def _combined_store(members: list[FeatureStoreRef], fitted: FeatureTransform,
             combined.flush()
             del combined
             fitted.save(out.partial / TRANSFORM_NAME)
+            if encoder is not None:  # its CutPaste model key is in a member's key, so in ours
+                shutil.copy2(encoder, out.partial / ENCODER_FILE)
             patch_table[["patch_id", "image_id"]].to_parquet(out.partial / "patches.parquet")
             (out.partial / "meta.json").write_text(json.dumps(
                 {"key": key, "layers": [COMBINED_LAYER], "count": count,
@@ -131,15 +159,20 @@ def _combined_store(members: list[FeatureStoreRef], fitted: FeatureTransform,
     return open_store(cache_dir, key)
 
 
-def check_sources(settings: FeatureSettings, where: str | None = None) -> None:
+def check_sources(settings: FeatureSettings, where: str | None = None,
+                  cutpaste=None) -> None:
     """Before any work: every source names a known backbone and its layers, its weights are
     on this machine (nothing is downloaded), and ``channels`` fits what each PCA is given.
-    Each failure is one DefectflowError naming the setting (``where``: the params file)."""
+    Each failure is one DefectflowError naming the setting (``where``: the params file).
+    ``cutpaste``: the CutPaste settings a ``cutpaste`` source's encoder is trained with."""
     from .backbones import available_layers, load_backbone
 
     channels = []
     for i, source in enumerate(settings.sources):
         name = f"features.sources[{i}]"
+        if source.backbone == ENCODER_SOURCE:
+            channels.append(_check_encoder_source(source, name, cutpaste, where))
+            continue
         try:
             layers = available_layers(source.backbone)
         except DefectflowError as exc:
@@ -164,3 +197,19 @@ def check_sources(settings: FeatureSettings, where: str | None = None) -> None:
             raise DefectflowError(f"features.channels: {wanted} is more than the {count} "
                                   f"channels of features.sources[{i}] ({source.backbone} "
                                   f"{list(source.layers)}) for the individual block", where)
+
+
+def _check_encoder_source(source, name: str, cutpaste, where: str | None) -> int:
+    """A ``cutpaste`` source's layers are stages of CutPaste's encoder; its channels."""
+    if cutpaste is None:
+        raise ValueError("a cutpaste source is checked with the CutPaste settings")
+    layers = encoder_layers(cutpaste)
+    unknown = [layer for layer in source.layers if layer not in layers]
+    if unknown:
+        raise DefectflowError(f"{name}.layers: unknown layer(s) {unknown} for the "
+                              f"{ENCODER_SOURCE} encoder {cutpaste.encoder!r} (methods."
+                              f"{ENCODER_SOURCE}.encoder; valid: {layers})", where)
+    try:  # CutPaste starts from ImageNet weights: missing files fail here
+        return pretrained_channels(cutpaste, source.layers)
+    except DefectflowError as exc:
+        raise DefectflowError(f"{name}.backbone: {exc}", where) from None

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty, Queue
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -53,6 +54,16 @@ class FeatureStoreRef:
 
     def patch_ids(self) -> list[str]:
         return pd.read_parquet(Path(self.directory) / "patches.parquet")["patch_id"].tolist()
+
+
+@dataclass(frozen=True)
+class TrainedNetwork:
+    """A network trained in this run that stands in for a named backbone (CutPaste's
+    encoder): ``identity`` (its content key) takes the backbone name's place in the store
+    key, and ``load(layers, device)`` builds it as a ``backbones.Backbone``."""
+
+    identity: str
+    load: Callable
 
 
 def _safe(layer: str) -> str:
@@ -196,15 +207,18 @@ def open_store(cache_dir: str | Path, key: str) -> FeatureStoreRef | None:
 
 def extract_features(patch_table: pd.DataFrame, manifest: pd.DataFrame,
                      settings: FeatureSettings, *, mean, std, cache_dir: str | Path,
-                     progress: bool = True, denoise: dict | None = None) -> FeatureStoreRef:
-    """Feature maps of every patch, computed once per key and streamed to disk."""
+                     progress: bool = True, denoise: dict | None = None,
+                     network: TrainedNetwork | None = None) -> FeatureStoreRef:
+    """Feature maps of every patch, computed once per key and streamed to disk
+    (``network``: a trained network in place of ``settings.backbone``'s weights)."""
     from .backbones import fold_batchnorm, load_backbone
 
     backbone, layers, input_size = settings.backbone, settings.layers, settings.input_size
     content_hashes = dict(zip(manifest["image_id"], manifest["content_hash"]))
     paths = dict(zip(manifest["image_id"], manifest["path"]))
-    key = feature_store_key(patch_table, content_hashes, backbone, layers, input_size, mean, std,
-                            denoise)
+    key = feature_store_key(patch_table, content_hashes,
+                            backbone if network is None else network.identity, layers,
+                            input_size, mean, std, denoise)
     found = open_store(cache_dir, key)
     if found is not None:
         return found
@@ -212,7 +226,8 @@ def extract_features(patch_table: pd.DataFrame, manifest: pd.DataFrame,
     device = resolve_device(settings.device)
     # channels_last runs the depthwise convolutions of EfficientNet ~1.7x faster on CPU;
     # batch norms folded into the convolutions save one pass over every activation.
-    model = fold_batchnorm(load_backbone(backbone, layers, device=device))
+    model = fold_batchnorm(load_backbone(backbone, layers, device=device) if network is None
+                           else network.load(layers, device))
     model = model.to(memory_format=torch.channels_last)
     with cached_folder(cache_dir, "features", key) as out:
         if out.missing:
@@ -222,6 +237,7 @@ def extract_features(patch_table: pd.DataFrame, manifest: pd.DataFrame,
             patch_table[["patch_id", "image_id"]].to_parquet(out.partial / "patches.parquet")
             (out.partial / "meta.json").write_text(json.dumps(
                 {"key": key, "backbone": backbone, "layers": list(layers),
+                 **({"network": network.identity} if network is not None else {}),
                  "input_size": input_size, "mean": list(mean), "std": list(std),
                  "denoise": denoise, "count": len(patch_table)}, indent=1))
     return open_store(cache_dir, key)

@@ -15,6 +15,7 @@ from .feature_sources import feature_store
 from .feature_transform import TRANSFORM_NAME
 from .features import FeatureStoreRef, resolve_device
 from .methods import PatchSet
+from .methods.cutpaste_encoder import ENCODER_FILE
 
 SCORE_PIECE = 512  # patches scored per call: bounds the anomaly maps held in memory
 
@@ -44,13 +45,15 @@ def score_pieces(detector, batch: PatchSet, maps: np.ndarray) -> np.ndarray:
 
 def new_images_batch(manifest: pd.DataFrame, patches: pd.DataFrame, features: FeatureSettings,
                      stats: dict, cache_dir: str | Path, with_features: bool = True,
-                     transform: str | Path | None = None) -> PatchSet:
+                     transform: str | Path | None = None,
+                     encoder: str | Path | None = None) -> PatchSet:
     """Every patch of images from outside the scanned dataset (synthetic defects, an inbox)
     as a detector's input, prepared exactly as the dataset's own: the same backbone, layers,
     input size, normalization and denoising, into a content-addressed feature store under
     ``cache_dir`` (skipped for methods that read pixels only: ``with_features=False``).
     Combined (multi-network) features need ``transform``: the one the detector was trained
-    with (``model_transform``)."""
+    with (``model_transform``), and a source reading CutPaste's encoder the encoder file it
+    carries (``model_encoder``)."""
     store = None
     if with_features:
         if features.combined and transform is None:
@@ -58,7 +61,8 @@ def new_images_batch(manifest: pd.DataFrame, patches: pd.DataFrame, features: Fe
                                   "but its folder has no feature transform")
         store = feature_store(patches, manifest, features, mean=stats["mean"],
                               std=stats["std"], cache_dir=cache_dir, progress=False,
-                              denoise=stats.get("denoise"), transform=transform)
+                              denoise=stats.get("denoise"), transform=transform,
+                              encoder=encoder)
     return patch_set(store, patches, np.ones(len(patches), bool),
                      dict(zip(manifest["image_id"], manifest["path"])), features, stats)
 
@@ -66,4 +70,10 @@ def new_images_batch(manifest: pd.DataFrame, patches: pd.DataFrame, features: Fe
 def model_transform(model_dir: str | Path) -> Path | None:
     """The feature transform a trained detector's folder carries (combined features only)."""
     path = Path(model_dir) / TRANSFORM_NAME
+    return path if path.is_file() else None
+
+
+def model_encoder(model_dir: str | Path) -> Path | None:
+    """The CutPaste encoder a trained detector's folder carries (a ``cutpaste`` source)."""
+    path = Path(model_dir) / ENCODER_FILE
     return path if path.is_file() else None

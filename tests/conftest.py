@@ -151,6 +151,24 @@ def folder_dataset(tmp_path: Path) -> Path:
     return make_folder_dataset(tmp_path / "product")
 
 
+def copies_as_synthetic(rows, folder: Path):
+    """Copies of real images (manifest ``rows``) handed to the synthetic-defect path: their
+    files and a manifest in ``folder`` (split "synthetic", ids ``copy/<i>``), as its Ref."""
+    import shutil
+
+    from defectflow.tasks.cache import Ref
+
+    copies = rows.copy()
+    (folder / "images").mkdir()
+    for i, path in enumerate(copies["path"]):
+        shutil.copy(path, folder / "images" / f"{i}.png")
+    copies["path"] = [str(folder / "images" / f"{i}.png") for i in range(len(copies))]
+    copies["image_id"] = [f"copy/{i}" for i in range(len(copies))]
+    copies["split"] = "synthetic"
+    copies.to_parquet(folder / "manifest.parquet", index=False)
+    return Ref(str(folder), "copies-of-real-images")
+
+
 def prepared_product(root: Path, n_good: int = 30, n_bad: int = 8):
     """A generated folder dataset, scanned and planned: (manifest, patches, paths, stats)."""
     from defectflow.tasks import datasets

@@ -5,17 +5,15 @@ never sees a real defect and is evaluated on the whole test set; supervised mode
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import make_folder_dataset
+from conftest import copies_as_synthetic, make_folder_dataset
 from defectflow.tasks import fusion as segad
 from defectflow.tasks import steps
-from defectflow.tasks.cache import Ref
 from defectflow.tasks.errors import DefectflowError
 from defectflow.tasks.feature_settings import FeatureSettings
 from defectflow.tasks.fusion.deploy import FUSION_CONFIG_NAME, FusionConfig
@@ -117,15 +115,7 @@ def test_synthetic_images_are_scored_exactly_like_real_images(scored, tmp_path):
     # that the real score step gave them: same pixels in, same preprocessing, same detector.
     s = scored
     manifest = s["manifest"].table()
-    real = manifest[manifest["split"] == "test"].head(5).copy()
-    (tmp_path / "images").mkdir()
-    for i, path in enumerate(real["path"]):
-        shutil.copy(path, tmp_path / "images" / f"{i}.png")
-    real["path"] = [str(tmp_path / "images" / f"{i}.png") for i in range(len(real))]
-    real["image_id"] = [f"copy/{i}" for i in range(len(real))]
-    real["split"] = "synthetic"
-    real.to_parquet(tmp_path / "manifest.parquet", index=False)
-    fake = Ref(str(tmp_path), "copies-of-real-test-images")
+    fake = copies_as_synthetic(manifest[manifest["split"] == "test"].head(5), tmp_path)
     for method in METHODS:
         ref = steps.synthetic_scores_step(s["models"][method], method, fake, "product",
                                           s["features"], s["stats"], s["cache"])

@@ -13,8 +13,7 @@ import pandas as pd
 from ..cache import Ref, allocated_memmap, cached_folder
 from ..errors import DefectflowError
 from ..feature_settings import FeatureSettings
-from ..feature_sources import transform_path
-from ..feature_transform import TRANSFORM_NAME
+from ..feature_sources import carried_files
 from ..features import FeatureStoreRef
 from ..methods import METHODS, PatchSet, source_hash
 from ..scoring import patch_set, score_pieces
@@ -35,7 +34,7 @@ def labelled_defects(manifest: pd.DataFrame, category: str, count: int, seed: in
 
 
 # -- 5. train, 6. score ------------------------------------------------------------
-def train_step(store: FeatureStoreRef, patches: Ref, manifest: Ref, category: str,
+def train_step(store: FeatureStoreRef | None, patches: Ref, manifest: Ref, category: str,
                method: str, method_params, features: FeatureSettings, stats: dict,
                cache_dir: str, method_source: str | None = None) -> Ref:
     """Fit one detector on the category's training patches and save it.
@@ -48,9 +47,16 @@ def train_step(store: FeatureStoreRef, patches: Ref, manifest: Ref, category: st
     The key includes ``method_source``, the hash of the method's code
     (``methods.source_hash``, computed when not given; the flow passes it so
     that Prefect's input-keyed cache sees it too): changed code retrains.
+
+    ``store`` None trains a method that reads pixels only (CutPaste, whose encoder a
+    feature source reads) before any features exist: its key then holds what decides its
+    input pixels instead of the store's key.
     """
     method_source = method_source or source_hash(method)
-    key = step_key("train", store.key, category, method,
+    inputs = (store.key if store is not None else
+              ("pixels", patches.key, features.input_size,
+               json.dumps({k: stats.get(k) for k in ("mean", "std", "denoise")}, sort_keys=True)))
+    key = step_key("train", inputs, category, method,
                    json.dumps(dataclasses.asdict(method_params), sort_keys=True), method_source)
     with cached_folder(cache_dir, "models", key) as out:
         if out.missing:
@@ -69,8 +75,9 @@ def train_step(store: FeatureStoreRef, patches: Ref, manifest: Ref, category: st
                 raise DefectflowError(f"category {category!r} has no training images")
             detector.fit(train)
             detector.save(out.partial)
-            if transform_path(store) is not None:  # combined features: new images need it
-                shutil.copy2(transform_path(store), out.partial / TRANSFORM_NAME)
+            # Combined features: new images need the transform (and a trained encoder).
+            for carried in carried_files(store) if store is not None else ():
+                shutil.copy2(carried, out.partial / carried.name)
             (out.partial / "train_defects.json").write_text(json.dumps(defects))
     return out.ref
 

@@ -20,7 +20,7 @@ from ..images import file_hash, read_image, text_hash
 from ..methods import METHODS
 from ..params import FusionParams
 from ..patches import plan_patches
-from ..scoring import model_transform, new_images_batch
+from ..scoring import model_encoder, model_transform, new_images_batch
 from .common import step_key
 from .detect import score_into
 
@@ -253,9 +253,14 @@ def synthetic_scores_step(model: Ref, method: str, synthetic: Ref, category: str
     detector loaded from its saved model and ``score_into``. Cached under ``scores/``."""
     table = pd.read_parquet(Path(synthetic.path) / "manifest.parquet")
     rows = plan_patches(table, None, None, use_annotations=False)
+    # A detector that reads pixels only needs no feature store (CutPaste trained before the
+    # features, for a source reading its encoder, has no feature transform to make one).
     batch = new_images_batch(table, rows, features, stats, cache_dir,
-                             transform=model_transform(model.path))
-    key = step_key("score-synthetic", model.key, batch.store.key, category)
+                             with_features=METHODS[method].reads_features,
+                             transform=model_transform(model.path),
+                             encoder=model_encoder(model.path))
+    key = step_key("score-synthetic", model.key,
+                   batch.store.key if batch.store is not None else "pixels", category)
     with cached_folder(cache_dir, "scores", key) as out:
         if out.missing:
             score_into(METHODS[method].load(model.path), batch, out.partial)

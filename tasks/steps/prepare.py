@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import datasets
-from ..cache import Ref, cache_path, write_table, write_text
+from ..cache import Ref, cache_path, cached_folder, write_table, write_text
 from ..errors import DefectflowError
 from ..feature_settings import FeatureSettings
 from ..feature_sources import feature_store
 from ..features import FeatureStoreRef
 from ..images import MAX_IMAGE_PIXELS, text_hash
+from ..methods.cutpaste_encoder import ENCODER_FILE, export_encoder
 from ..normalization import normalization_stats
 from ..patches import plan_patches
 from .common import category_rows, image_paths, step_key
@@ -137,10 +138,22 @@ def normalization_step(patches: Ref, manifest: Ref, category: str, mode: str,
 
 # -- 4. features -------------------------------------------------------------------
 def features_step(patches: Ref, manifest: Ref, category: str, features: FeatureSettings,
-                  stats: dict, cache_dir: str, progress: bool = True) -> FeatureStoreRef:
+                  stats: dict, cache_dir: str, progress: bool = True,
+                  encoder: Ref | None = None) -> FeatureStoreRef:
     """The category's feature store; a combined source's transform is fitted on its
-    training rows only."""
+    training rows only. ``encoder``: the CutPaste model (``train_step`` without a store)
+    whose encoder a ``cutpaste`` source reads."""
     rows = category_rows(patches, category)
     return feature_store(rows, manifest.table(), features, mean=stats["mean"],
                          std=stats["std"], cache_dir=cache_dir, progress=progress,
-                         denoise=stats.get("denoise"), train=(rows["split"] == "train").to_numpy())
+                         denoise=stats.get("denoise"), train=(rows["split"] == "train").to_numpy(),
+                         encoder=None if encoder is None else encoder_file(encoder, cache_dir))
+
+
+def encoder_file(model: Ref, cache_dir: str) -> Path:
+    """The encoder of the CutPaste model ``model`` as one file, written once under
+    ``<cache_dir>/encoders/<model key>/``."""
+    with cached_folder(cache_dir, "encoders", model.key) as out:
+        if out.missing:
+            export_encoder(model.path, model.key, out.partial / ENCODER_FILE)
+    return out.path / ENCODER_FILE
