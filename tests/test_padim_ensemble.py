@@ -1,5 +1,7 @@
 """PaDiM and the feature-level ensemble (SimpleNet-style discriminator) on tiny generated images."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -156,7 +158,8 @@ def test_params_reject_bad_values():
         with pytest.raises(ValueError):
             PaDiMParams(**bad)
     for bad in (dict(layers=()), dict(layers=("a", "a")), dict(n_components=0), dict(epochs=0),
-                dict(noise_std=0), dict(lr_discriminator=-1), dict(batch_size=0)):
+                dict(noise_std=0), dict(lr_discriminator=-1), dict(batch_size=0),
+                dict(border_pooling="same")):
         with pytest.raises(ValueError):
             FeatureEnsembleParams(**bad)
     # One layer is a combined feature source's (features.sources).
@@ -260,6 +263,14 @@ def test_ensemble_separates_generated_defects_and_round_trips(product, ensemble,
     restored_scores, restored_maps = restored.score(test)
     np.testing.assert_allclose(restored_scores, scores, rtol=1e-5)
     np.testing.assert_allclose(restored_maps, maps, rtol=1e-5, atol=1e-6)
+
+    # A model saved before border_pooling existed was fitted on "valid" pooling: it loads so.
+    meta = json.loads((folder / "detector.json").read_text())
+    assert meta["params"].pop("border_pooling") == "zero_padded"
+    (folder / "detector.json").write_text(json.dumps(meta))
+    old = FeatureEnsemble.load(folder)
+    assert old.params.border_pooling == "valid"
+    assert not np.allclose(old.score(test)[1], maps)
 
 
 def test_ensemble_training_is_seeded(product):
