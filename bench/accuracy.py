@@ -4,6 +4,7 @@
     python bench/accuracy.py --datasets magnetic-tile --detectors patchcore padim \\
         --setting "lite0-b234: features.layers=[blocks.2,blocks.3,blocks.4]" --seeds 3
     python bench/accuracy.py --data magnetic-tile=/path/to/magnetic-tile ...
+    python bench/accuracy.py --report bench/out/accuracy.json   # the table of a saved run
 
 For each data set (Magnetic Tile; ELPV, whose categories are mono and poly; BSData with
 patches), each feature setting (``--setting "NAME: KEY=VALUE KEY=VALUE"``, the overrides of
@@ -137,6 +138,10 @@ def format_table(summary: list[dict]) -> str:
     header = ["data set", "setting", "detector", *HEADERS]
     body = [[e["dataset"], e["setting"], e["detector"], *(cell(m, e[m]) for m in METRICS)]
             for e in summary]
+    if len({len(e["seeds"]) for e in summary}) > 1:  # an interrupted run: say how many
+        header.append("seeds")
+        for row, entry in zip(body, summary):
+            row.append(len(entry["seeds"]))
     widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
     lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
              for r in [header, *body]]
@@ -158,7 +163,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an override for every run, e.g. cache_dir=/tmp/cache")
     parser.add_argument("--json", default=str(ROOT / "bench" / "out" / "accuracy.json"))
+    parser.add_argument("--report", metavar="JSON",
+                        help="measure nothing: print the table of a JSON this bench wrote "
+                             "(also of an interrupted run, with the seeds each row has)")
     args = parser.parse_args(argv)
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        summary = summarize(saved["rows"])
+        print(f"{args.report}: {saved['command']} (started {saved['started']})")
+        print(format_table(summary))
+        return dict(saved, summary=summary)
 
     from defectflow.tasks.methods import METHODS
     from defectflow.tasks.params import parse_overrides

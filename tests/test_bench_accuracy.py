@@ -6,10 +6,12 @@ import json
 import sys
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import yaml
 
-from conftest import make_folder_dataset
+from conftest import make_folder_dataset, textured_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,6 +60,71 @@ def test_accuracy_bench_measures_each_seed_and_setting(tmp_path, accuracy_bench,
     assert json.loads(out.read_text())["summary"] == result["summary"]
     table = capsys.readouterr().out
     assert "| tiny" in table and "pixel AUROC" in table and "± " in table
+
+
+def make_bsdata_root(root: Path, n_good: int = 16, n_bad: int = 6) -> Path:
+    """BSData's layout, small: 64 x 128 JPEGs in data/, a LabelMe polygon per defective
+    image in label/, image_data.json giving good images no split (as published)."""
+    rng = np.random.default_rng(3)
+    (root / "data").mkdir(parents=True)
+    (root / "label").mkdir()
+    entries = []
+    for i in range(n_good + n_bad):
+        name = f"spindle{i:02d}"
+        image = textured_image(rng, 128)[:64]
+        if i >= n_good:  # a dark square with a bright rim, somewhere on the spindle
+            x, y = int(rng.integers(8, 100)), int(rng.integers(8, 40))
+            cv2.rectangle(image, (x - 2, y - 2), (x + 13, y + 13), (250, 250, 250), -1)
+            cv2.rectangle(image, (x, y), (x + 11, y + 11), (20, 20, 20), -1)
+            corners = [[x - 2, y - 2], [x + 13, y - 2], [x + 13, y + 13], [x - 2, y + 13]]
+            (root / "label" / f"{name}.json").write_text(json.dumps({
+                "imageWidth": 128, "imageHeight": 64, "imageData": None, "shapes": [
+                    {"label": "Pitting", "points": corners, "shape_type": "polygon"}]}))
+        cv2.imwrite(str(root / "data" / f"{name}.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        entries.append({"filename": f"{name}.jpg", "train_test_split": None})
+    (root / "image_data.json").write_text(json.dumps({"images": entries}))
+    return root
+
+
+def test_accuracy_bench_on_bsdata_patches_reports_aupro(tmp_path, accuracy_bench):
+    """BSData as the bench runs it: params/bsdata.yaml (PatchCore with hnsw search), the data
+    where ``--data`` points, images cut into windows and the maps stitched back; AUPRO comes
+    from the stitched maps like pixel AUROC (it was missing for patched data sets)."""
+    root = make_bsdata_root(tmp_path / "bsdata")
+    result = accuracy_bench.main([
+        "--datasets", "bsdata", "--data", f"bsdata={root}", "--detectors", "patchcore", "padim",
+        "--seeds", "1", "--json", str(tmp_path / "accuracy.json"),
+        "--set", "patches.size=64", "--set", "patches.stride=64",
+        "--set", "features.input_size=64", "--set", f"cache_dir={tmp_path / 'cache'}"])
+    rows = result["rows"]
+    assert [(r["dataset"], r["detector"]) for r in rows] == [
+        ("bsdata", "patchcore"), ("bsdata", "padim")]
+    for row in rows:
+        assert row["images"] == 22  # every image, cut into two 64 px windows
+        assert row["image_auroc"] > 0.8
+        assert 0.5 < row["pixel_auroc"] <= 1.0 and 0.3 < row["aupro"] <= 1.0
+
+
+def test_report_prints_the_table_of_an_interrupted_run(tmp_path, accuracy_bench, capsys):
+    """``--report``: the JSON a run left (here cut short in its second seed) printed as the
+    table, with the number of seeds each row has when they differ."""
+    def row(detector, seed, auroc):
+        return dict(dataset="bsdata", setting="params", detector=detector, seed=seed,
+                    image_auroc=auroc, pixel_auroc=0.9, aupro=0.7, fit_s=10.0 + seed,
+                    score_s=2.0, features_s=1.0, images=10)
+
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps({"command": "bench/accuracy.py --seeds 3", "started": "now",
+                                 "rows": [row("padim", 0, 0.8), row("msflow", 0, 0.9),
+                                          row("padim", 1, 0.9)]}))
+    result = accuracy_bench.main(["--report", str(saved)])
+    table = capsys.readouterr().out
+    assert "bench/accuracy.py --seeds 3" in table
+    lines = {line.split("|")[3].strip(): line for line in table.splitlines() if "| bsdata" in line}
+    assert "0.8500 ± 0.0500" in lines["padim"] and lines["padim"].rstrip(" |").endswith("2")
+    assert "0.9000 ± 0.0000" in lines["msflow"] and lines["msflow"].rstrip(" |").endswith("1")
+    assert "10.5 ± 0.5" in lines["padim"]
+    assert [e["seeds"] for e in result["summary"]] == [[0, 1], [0]]
 
 
 def test_a_setting_that_names_a_bad_value_is_a_one_line_error(accuracy_bench):

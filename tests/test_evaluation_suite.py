@@ -209,9 +209,41 @@ def test_aupro_undefined_and_bad_input():
     with pytest.raises(DefectflowError, match="2 masks but 1"):
         aupro([mask, mask], [scores])
     bad = scores.copy()
-    bad[0, 0] = np.nan
-    with pytest.raises(DefectflowError, match="NaN"):
+    bad[0, 0] = np.inf
+    with pytest.raises(DefectflowError, match="infinite"):
         aupro([mask], [bad])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_aupro_leaves_uninspected_nan_pixels_out(seed):
+    # NaN marks pixels outside every window of a stitched map: they count neither as
+    # normal nor in their region (regions still labelled on the whole mask, so a strip
+    # through a defect does not split it). Brute force on the inspected pixels only.
+    masks, maps = random_case(seed)
+    maps = [m.copy() for m in maps]
+    inspected = [np.ones(m.shape, bool) for m in maps]
+    for keep in inspected:
+        keep[:, 5:7] = False  # an uncovered vertical strip in every image
+    for m, keep in zip(maps, inspected):
+        m[~keep] = np.nan
+    normals = [n & keep for n, keep in zip(normals_of(masks, maps), inspected)]
+    defects = [(i, region & inspected[i], int((region & inspected[i]).sum()))
+               for i, region, _ in regions_of(masks) if (region & inspected[i]).any()]
+    thresholds = np.unique(np.concatenate([m[~np.isnan(m)] for m in maps]))[::-1]
+    filled = [np.nan_to_num(m, nan=-1.0) for m in maps]  # brute force: never flagged
+    expected = brute_force_area(filled, normals, defects, 0.3, thresholds)
+    assert aupro(masks, maps) == pytest.approx(expected, abs=1e-12)
+    # A region under the strip only is left out: as if its mask were not there.
+    mask = np.zeros((6, 6), bool)
+    mask[0:2, 0:2] = mask[4, 4] = True
+    scores = np.random.default_rng(seed).random((6, 6)) / 2
+    scores[0:2, 0:2] = 1.0  # the inspected region is found first
+    scores[4, 4] = np.nan
+    plain = mask.copy()
+    plain[4, 4] = False
+    assert aupro([mask], [scores]) == pytest.approx(aupro([plain], [scores])) == 1.0
+    # Scored 0 instead, the second region would count, never found: half the overlap.
+    assert aupro([mask], [np.nan_to_num(scores)]) == pytest.approx(0.5)
 
 
 # ----------------------------------------------------------------------------- sPRO

@@ -347,6 +347,34 @@ def test_stitching_a_large_image_keeps_memory_small() -> None:
     assert peak < 9 * width * height
 
 
+def test_stitched_pixel_metrics_include_aupro_on_inspected_pixels(tmp_path: Path) -> None:
+    """Patch mode (BSData): AUPRO comes from the stitched maps, like pixel AUROC; the
+    uncovered strip (x 80-89, no window) counts neither way."""
+    from defectflow.tasks.evaluation import stitched_pixel_metrics
+
+    mask = np.zeros((40, 90), bool)
+    mask[10:20, 5:15] = True    # found by the map below
+    mask[25:35, 50:60] = True   # missed: scored like the background
+    mask[0:5, 82:88] = True     # under the uncovered strip: left out
+    mask_path = tmp_path / "mask.png"
+    cv2.imwrite(str(mask_path), mask.astype(np.uint8) * 255)
+    manifest = pd.DataFrame({"image_id": ["good", "bad"], "width": [90, 90],
+                             "height": [40, 40], "label": [0, 1],
+                             "mask_path": [None, str(mask_path)],
+                             "path": ["good.jpg", "bad.jpg"]})
+    windows = [(0, 0, 40, 40), (40, 0, 40, 40)]
+    rows = pd.DataFrame([{"image_id": i, "x": x, "y": y, "width": w, "height": h}
+                         for i in ("good", "bad") for x, y, w, h in windows])
+    maps = np.random.default_rng(0).random((4, 40, 40)).astype(np.float32) * 0.5
+    maps[2, 10:20, 5:15] = 1.0  # the first region of "bad", in its first window
+    metrics = stitched_pixel_metrics(rows, maps, manifest)
+    # Two regions count: one found at FPR 0, one ranked among the background.
+    assert 0.5 < metrics["aupro"] < 0.75
+    assert 0.5 < metrics["pixel_auroc"] < 1.0
+    maps[3, 25:35, 10:20] = 1.0  # now the second region is found too
+    assert stitched_pixel_metrics(rows, maps, manifest)["aupro"] == pytest.approx(1.0)
+
+
 def test_image_score_is_the_maximum_patch_score() -> None:
     assert image_score_from_patches([0.1, 0.7, 0.3]) == pytest.approx(0.7)
     with pytest.raises(DefectflowError):

@@ -44,10 +44,11 @@ def stitched_map(image_rows: pd.DataFrame, maps: np.ndarray,
 
 def stitched_pixel_metrics(test_patches: pd.DataFrame, maps: np.ndarray,
                            manifest: pd.DataFrame) -> dict:
-    """Pixel AUROC/AUPR on stitched maps, inspected pixels only (excluded/uncovered left out).
-    Large images are sampled on a regular grid of at most PIXEL_EVAL_SIDE per side."""
+    """Pixel AUROC/AUPR and AUPRO on stitched maps, inspected pixels only (excluded/uncovered
+    left out). Large images are sampled on a regular grid of at most PIXEL_EVAL_SIDE per side."""
     man = manifest.set_index("image_id")
     truths, values = [], []
+    sampled_masks, sampled_maps = [], []  # 2-D, for AUPRO's connected regions
     for image_id, image_rows in test_patches.groupby("image_id", sort=True):
         info = man.loc[image_id]
         has_mask = isinstance(info["mask_path"], str)
@@ -57,14 +58,20 @@ def stitched_pixel_metrics(test_patches: pd.DataFrame, maps: np.ndarray,
         mask = (read_mask(info["mask_path"], (int(info["height"]), int(info["width"])))
                 if has_mask else np.zeros(stitched.shape, bool))
         step = max(1, -(-max(stitched.shape) // PIXEL_EVAL_SIDE))
-        truth, value = covered_pixels(stitched[::step, ::step], mask[::step, ::step])
+        sampled_map, sampled_mask = stitched[::step, ::step], mask[::step, ::step]
+        truth, value = covered_pixels(sampled_map, sampled_mask)
         truths.append(truth)
         values.append(value)
+        sampled_masks.append(sampled_mask if has_mask else None)
+        sampled_maps.append(sampled_map)
     if not truths or not any(t.any() for t in truths):
         return {}
     truth = np.concatenate(truths)[None, :]
     value = np.concatenate(values)[None, :]
-    return pixel_metrics([truth.astype(bool)], [value.astype(np.float32)])
+    metrics = pixel_metrics([truth.astype(bool)], [value.astype(np.float32)])
+    # Region-level localization (MVTec AD) on the same sampled grid; NaN: not inspected.
+    metrics["aupro"] = aupro(sampled_masks, sampled_maps, fpr_limit=0.3)
+    return metrics
 
 
 def patch_pixel_metrics(test_patches: pd.DataFrame, maps: np.ndarray,

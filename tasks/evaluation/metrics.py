@@ -240,8 +240,10 @@ def labels_and_scores(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarra
     return labels.astype(bool), scores
 
 
-def check_maps(masks: Sequence[np.ndarray | None], maps: Sequence[np.ndarray]) -> None:
-    """Masks and anomaly maps pair up: as many of each, maps 2-D and finite, same sizes."""
+def check_maps(masks: Sequence[np.ndarray | None], maps: Sequence[np.ndarray],
+               allow_nan: bool = False) -> None:
+    """Masks and anomaly maps pair up: as many of each, maps 2-D and finite (or NaN, where
+    ``allow_nan``: pixels not inspected), same sizes."""
     if len(masks) != len(maps):
         raise DefectflowError(f"{len(masks)} masks but {len(maps)} anomaly maps")
     if not maps:
@@ -256,6 +258,6 @@ def check_maps(masks: Sequence[np.ndarray | None], maps: Sequence[np.ndarray]) -
                 f"mask #{index} has shape {np.shape(mask)}, its anomaly map "
                 f"{np.shape(anomaly_map)}"
             )
-        if not np.isfinite(anomaly_map).all():
+        if not (np.isfinite(anomaly_map) | (allow_nan & np.isnan(anomaly_map))).all():
             raise DefectflowError(f"anomaly map #{index} contains NaN or infinite values")
 

@@ -31,7 +31,9 @@ def aupro(
     ``masks[i]`` is a bool H x W mask or None for a good image (all normal);
     ``maps[i]`` the anomaly map of the same size. A pixel is flagged at threshold
     ``t`` when its score is ``>= t``. Regions are the 8-connected components of
-    each mask. For every threshold:
+    each mask. NaN in a map marks a pixel that was not inspected (outside every
+    window of a stitched map): it counts neither as normal nor in its region, and
+    a region with no inspected pixel is left out. For every threshold:
 
     - PRO(t) = mean over all regions of (flagged pixels of the region / its area);
     - FPR(t) = flagged normal pixels / all normal pixels (of all images).
@@ -54,7 +56,7 @@ def aupro(
     implementations do (coarser; for comparing with their numbers). NaN when
     there is no defect region or no normal pixel.
     """
-    check_maps(masks, maps)
+    check_maps(masks, maps, allow_nan=True)
     _check_curve_arguments(fpr_limit, num_thresholds)
     dtype = _score_dtype(maps)
     eight_connected = np.ones((3, 3), dtype=bool)
@@ -62,17 +64,23 @@ def aupro(
     normal_masks, positives, inverse_areas = [], [], []
     num_regions = 0
     for mask, anomaly_map in zip(masks, maps):
+        anomaly_map = np.asarray(anomaly_map)
+        inspected = ~np.isnan(anomaly_map)
         if mask is None:
-            normal_masks.append(None)
+            normal_masks.append(None if inspected.all() else inspected)
             continue
         mask = np.asarray(mask, dtype=bool)
-        normal_masks.append(~mask)
+        normal_masks.append(~mask & inspected)
+        # Regions are labelled on the whole mask, so an uncovered strip does not split a
+        # defect in two; each counts its inspected pixels only.
         region_of_pixel, count = ndimage.label(mask, structure=eight_connected)
-        if count:
-            region_ids = region_of_pixel[mask]  # same row-major order as anomaly_map[mask]
-            positives.append(np.asarray(anomaly_map)[mask].astype(dtype, copy=False))
-            inverse_areas.append(1.0 / np.bincount(region_ids)[region_ids])
-            num_regions += count
+        scored = mask & inspected
+        if count and scored.any():
+            region_ids = region_of_pixel[scored]  # same row-major order as anomaly_map[scored]
+            areas = np.bincount(region_ids)
+            positives.append(anomaly_map[scored].astype(dtype, copy=False))
+            inverse_areas.append(1.0 / areas[region_ids])
+            num_regions += int(np.count_nonzero(areas))
 
     normals = _normal_scores(maps, normal_masks, dtype)
     if num_regions == 0 or normals.size == 0:
