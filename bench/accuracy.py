@@ -103,10 +103,14 @@ def measure(dataset: str, params_file: Path, setting: Setting, seed: int, detect
                        setting=setting.name, detector=method, seed=seed,
                        fit_s=fit_s, score_s=score_s, features_s=features_s, images=n_images,
                        **{k: float(metrics.get(k, float("nan")))
-                          for k in ("image_auroc", "pixel_auroc", "aupro")})
+                          for k in ("image_auroc", "pixel_auroc", "aupro")},
+                       # each defect type's pixel AUROC against the good images
+                       **{k: float(v) for k, v in metrics.items() if k.startswith("pixel_auroc.")})
             print(f"  {row['dataset']} [{setting.name}] {method} seed {seed}: image AUROC "
                   f"{row['image_auroc']:.4f}, pixel AUROC {row['pixel_auroc']:.4f}, AUPRO "
-                  f"{row['aupro']:.4f}, fit {fit_s:.1f} s, score {score_s:.1f} s", flush=True)
+                  f"{row['aupro']:.4f}, fit {fit_s:.1f} s, score {score_s:.1f} s"
+                  + "".join(f", {k.removeprefix('pixel_auroc.')} {v:.3f}" for k, v in row.items()
+                            if k.startswith("pixel_auroc.")), flush=True)
             yield row
 
 

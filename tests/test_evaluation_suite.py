@@ -21,7 +21,9 @@ from defectflow.tasks.evaluation import (
     comparison_table,
     format_table,
     fpr_at_tpr,
+    patch_pixel_metrics,
     per_defect_type_auroc,
+    per_defect_type_pixel_auroc,
     plot_curves,
     plot_defect_type_bars,
     plot_tsne,
@@ -358,6 +360,45 @@ def test_per_defect_type_auroc_by_hand():
     assert math.isnan(per_defect_type_auroc([1, 1], [0.2, 0.3], ["a", "b"])["a"])
     with pytest.raises(DefectflowError, match="defect types"):
         per_defect_type_auroc(labels, scores, types[:-1])
+
+
+def pixel_case():
+    """A good image and two defect types on 2 x 2 maps, small enough to count by hand."""
+    maps = [np.array([[0.1, 0.2], [0.3, 0.4]]), np.array([[0.35, 0.05], [0.5, 0.6]]),
+            np.array([[0.0, 0.0], [0.0, 0.9]])]
+    masks = [None, np.array([[1, 1], [0, 0]], bool), np.array([[0, 0], [0, 1]], bool)]
+    return masks, maps, ["good", "band", "dot"], [0, 1, 1]
+
+
+def test_per_defect_type_pixel_auroc_by_hand():
+    masks, maps, types, labels = pixel_case()
+    result = per_defect_type_pixel_auroc(masks, maps, types, labels)
+    assert list(result) == ["band", "dot"]
+    # band: 0.35 beats 3 of its 6 normal pixels (4 good, 2 its own), 0.05 none.
+    assert result["band"] == pytest.approx(3 / 12)
+    assert result["dot"] == pytest.approx(1.0)  # 0.9 beats the good image and its own zeros
+    with pytest.raises(DefectflowError, match="one of each per image"):
+        per_defect_type_pixel_auroc(masks, maps, types[:-1], labels)
+
+
+def test_patch_pixel_metrics_report_each_defect_type(tmp_path):
+    masks, maps, types, labels = pixel_case()
+    rows = []
+    for index, (mask, kind, label) in enumerate(zip(masks, types, labels)):
+        path = None
+        if mask is not None:
+            path = str(tmp_path / f"{index}.png")
+            cv2.imwrite(path, mask.astype(np.uint8) * 255)
+        rows.append(dict(image_id=f"i{index}", mask_path=path, height=2, width=2,
+                         defect_type=kind, label=label, x=0, y=0))
+    table = pd.DataFrame(rows)
+    metrics = patch_pixel_metrics(table, np.stack(maps).astype(np.float32), table)
+    assert metrics["pixel_auroc.band"] == pytest.approx(3 / 12)
+    assert metrics["pixel_auroc.dot"] == pytest.approx(1.0)
+    # Pooled: 3 defective pixels against 9 normal; 0.35 beats 6, 0.05 the 3 zeros, 0.9 all.
+    assert metrics["pixel_auroc"] == pytest.approx((6 + 3 + 9) / 27)
+    one_type = table.iloc[:2]
+    assert "pixel_auroc.band" not in patch_pixel_metrics(one_type, np.stack(maps[:2]), one_type)
 
 
 # --------------------------------------------------------------------------- tables

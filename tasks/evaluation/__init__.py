@@ -21,7 +21,7 @@ from importlib import import_module
 
 _MODULE_OF = {
     **dict.fromkeys(("threshold_from_good", "image_metrics", "pixel_metrics", "fpr_at_tpr",
-                     "per_defect_type_auroc", "score_table", "image_scores",
+                     "per_defect_type_auroc", "per_defect_type_pixel_auroc", "score_table", "image_scores",
                      "labels_and_scores", "check_maps"), "metrics"),
     **dict.fromkeys(("aupro", "spro"), "regions"),
     **dict.fromkeys(("PIXEL_EVAL_SIDE", "SPRO_FPR_LIMIT", "is_patch_mode", "stitched_map",

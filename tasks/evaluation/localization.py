@@ -16,7 +16,7 @@ import pandas as pd
 from ..annotations import annotation_for_image, excluded_mask
 from ..images import read_mask
 from ..stitching import covered_pixels, stitch
-from .metrics import pixel_metrics
+from .metrics import per_defect_type_pixel_auroc, pixel_metrics
 from .regions import aupro, spro
 
 PIXEL_EVAL_SIDE = 1024  # stitched maps are sampled on a grid this fine for pixel metrics
@@ -82,7 +82,8 @@ def patch_pixel_metrics(test_patches: pd.DataFrame, maps: np.ndarray,
     if not any(isinstance(mask_paths.get(i), str) for i in test_patches["image_id"]):
         return {}
     sizes = dict(zip(manifest["image_id"], zip(manifest["height"], manifest["width"])))
-    masks, pixel_maps = [], []
+    types = dict(zip(manifest["image_id"], manifest["defect_type"]))
+    masks, pixel_maps, kinds, labels = [], [], [], []
     for position, row in zip(test_patches.index, test_patches.itertuples(index=False)):
         mask_path = mask_paths.get(row.image_id)
         if isinstance(mask_path, str):
@@ -92,7 +93,14 @@ def patch_pixel_metrics(test_patches: pd.DataFrame, maps: np.ndarray,
         else:
             continue
         pixel_maps.append(np.asarray(maps[position], dtype=np.float32))
+        kinds.append(types[row.image_id])
+        labels.append(int(row.label))
     metrics = pixel_metrics(masks, pixel_maps)
+    if len({kind for kind, label in zip(kinds, labels) if label}) > 1:
+        # Two or more defect types: each one's pixel AUROC against the good images.
+        for defect, auroc in per_defect_type_pixel_auroc(masks, pixel_maps, kinds,
+                                                         labels).items():
+            metrics[f"pixel_auroc.{defect}"] = auroc
     defect_masks = [m for m in masks if m is not None and m.any()]
     if defect_masks:
         # Region-level localization (MVTec AD): AUPRO up to 30% FPR, normalized.

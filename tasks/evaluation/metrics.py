@@ -156,6 +156,35 @@ def pixel_metrics(
     }
 
 
+def per_defect_type_pixel_auroc(
+    masks: Sequence[np.ndarray | None],
+    maps: Sequence[np.ndarray],
+    defect_types: Sequence[str],
+    labels: Sequence[int],
+    max_pixels: int = 1_000_000,
+) -> dict[str, float]:
+    """Pixel AUROC of each defect type: its images' pixels pooled with all good images'.
+
+    The pooled pixel AUROC is weighted by defective area, so one type with large masks
+    can set it alone (Magnetic Tile's ``uneven`` bands hold most defective pixels).
+    ``labels[i]`` 0 marks a good image (all its pixels normal); keys are the defect types
+    of the defective images, sorted; NaN where a type has no defective pixel.
+    """
+    if not len(masks) == len(maps) == len(defect_types) == len(labels):
+        raise DefectflowError(
+            f"{len(masks)} masks, {len(maps)} maps, {len(defect_types)} defect types and "
+            f"{len(labels)} labels: one of each per image"
+        )
+    good = [index for index, label in enumerate(labels) if int(label) == 0]
+    result: dict[str, float] = {}
+    for defect_type in sorted({str(t) for t, label in zip(defect_types, labels) if int(label)}):
+        chosen = good + [index for index, (t, label) in enumerate(zip(defect_types, labels))
+                         if int(label) and str(t) == defect_type]
+        result[defect_type] = pixel_metrics([masks[i] for i in chosen], [maps[i] for i in chosen],
+                                            max_pixels=max_pixels)["pixel_auroc"]
+    return result
+
+
 def fpr_at_tpr(labels: np.ndarray, scores: np.ndarray, tpr: float = 0.95) -> float:
     """Image-level false positive rate at the true positive rate ``tpr``.
 
