@@ -107,6 +107,9 @@ class Detector:
     export_refusal: ClassVar[str | None] = "its scoring has no torch form to export"
     # Export formats this detector is refused in although it has a torch form: {format: why}.
     format_refusals: ClassVar[dict[str, str]] = {}
+    # Parameters added after models were saved, with the value such older models were fitted
+    # with (their detector.json lacks the key; a new default must not change how they score).
+    saved_before: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, params: Any = None):
         self.params = params if params is not None else self.Params()
@@ -138,7 +141,7 @@ class Detector:
     def load(cls, directory: str | Path) -> "Detector":
         directory = Path(directory)
         meta = json.loads((directory / "detector.json").read_text())
-        detector = cls(cls.Params(**meta["params"]))
+        detector = cls(cls.Params(**{**cls.saved_before, **meta["params"]}))
         if (directory / "history.json").is_file():
             detector.history = json.loads((directory / "history.json").read_text())
         detector._load_state(directory)

@@ -31,8 +31,6 @@ does not train here (see ``noise_std``).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,10 +40,9 @@ from torch import nn
 
 from .base import FeatureDetector, PatchSet
 from .padim import GaussianAccumulator, upsample_and_smooth
-from .patchcore import embed
+from .patchcore import check_border_pooling, embed
 
 CHUNK_SIZE = 64   # images per feature chunk while reading the store
-BORDER_POOLINGS = ("zero_padded", "valid")   # PatchCoreParams.border_pooling's choices
 
 
 @dataclass(frozen=True)
@@ -73,9 +70,7 @@ class FeatureEnsembleParams:
         # One layer: a combined feature source (features.sources), already multi-network.
         if not self.layers or len(set(self.layers)) != len(self.layers):
             raise ValueError(f"the ensemble needs distinct layers, got {self.layers}")
-        if self.border_pooling not in BORDER_POOLINGS:
-            raise ValueError(f"border_pooling must be one of {BORDER_POOLINGS}, "
-                             f"got {self.border_pooling!r}")
+        check_border_pooling(self.border_pooling)
         for name in ("n_components", "hidden", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -131,6 +126,7 @@ class FeatureEnsemble(FeatureDetector):
     name = "ensemble"
     export_refusal = "its PCA and discriminator scoring has no torch form yet"
     Params = FeatureEnsembleParams
+    saved_before = {"border_pooling": "valid"}   # the pooling before the setting existed
 
     def __init__(self, params: FeatureEnsembleParams | None = None):
         super().__init__(params)
@@ -234,9 +230,6 @@ class FeatureEnsemble(FeatureDetector):
                    directory / "discriminator.pt")
 
     def _load_state(self, directory: Path) -> None:
-        saved = json.loads((directory / "detector.json").read_text())["params"]
-        if "border_pooling" not in saved:     # saved before the setting: it pooled "valid"
-            self.params = dataclasses.replace(self.params, border_pooling="valid")
         with np.load(directory / "pca.npz") as pca:
             self.pca_mean = pca["mean"]
             self.components = pca["components"]

@@ -27,6 +27,10 @@ from .flat_search import TorchFlatIndex
 from .torch_heads import MapPost, PatchCoreHead, PatchEmbedHead
 
 
+#: The 3x3 average at the map border: counting the zero padding, or the cells inside only.
+BORDER_POOLINGS = ("zero_padded", "valid")
+
+
 @dataclass(frozen=True)
 class PatchCoreParams:
     layers: tuple[str, ...] = ("blocks.2", "blocks.4")
@@ -46,8 +50,9 @@ class PatchCoreParams:
     # +2 image / +8 pixel AUROC points on 100 train images of Magnetic Tile at 256 px.
     border_pooling: str = "zero_padded"
     smoothing_sigma: float = 4.0       # Gaussian blur of the upsampled anomaly map
-    # "exact" (faiss flat L2; on a GPU, matrix products there), "hnsw" (graph, for banks of millions) or "ivf" (inverted lists:
-    # each query scans ivf_probe of the bank's ivf_lists k-means cells, cell_search.py).
+    # "exact" (faiss flat L2; on a GPU, matrix products there), "hnsw" (graph, for banks of
+    # millions) or "ivf" (inverted lists: each query scans ivf_probe of the bank's ivf_lists
+    # k-means cells, cell_search.py).
     search: str = "exact"
     hnsw_neighbors: int = 32           # HNSW graph degree (M)
     hnsw_ef_search: int = 128          # HNSW search breadth: higher is closer to exact, slower
@@ -71,11 +76,15 @@ class PatchCoreParams:
             raise ValueError(f"search must be 'exact', 'hnsw' or 'ivf', got {self.search!r}")
         if self.ivf_lists < 0 or self.ivf_probe < 1 or self.exact_top < 0:
             raise ValueError("ivf_lists and exact_top must be >= 0 and ivf_probe >= 1")
-        if self.border_pooling not in ("zero_padded", "valid"):
-            raise ValueError(f"border_pooling must be 'zero_padded' or 'valid', "
-                             f"got {self.border_pooling!r}")
+        check_border_pooling(self.border_pooling)
         if self.smoothing_sigma < 0:
             raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
+
+
+def check_border_pooling(value: str) -> None:
+    """``border_pooling`` is one of :data:`BORDER_POOLINGS` (PatchCore's and the ensemble's)."""
+    if value not in BORDER_POOLINGS:
+        raise ValueError(f"border_pooling must be 'zero_padded' or 'valid', got {value!r}")
 
 
 def embed(feature_maps: dict[str, np.ndarray], layers,
