@@ -45,35 +45,30 @@ def score_pieces(detector, batch: PatchSet, maps: np.ndarray) -> np.ndarray:
 
 def new_images_batch(manifest: pd.DataFrame, patches: pd.DataFrame, features: FeatureSettings,
                      stats: dict, cache_dir: str | Path, with_features: bool = True,
-                     transform: str | Path | None = None,
-                     encoder: str | Path | None = None) -> PatchSet:
+                     model_dir: str | Path | None = None) -> PatchSet:
     """Every patch of images from outside the scanned dataset (synthetic defects, an inbox)
     as a detector's input, prepared exactly as the dataset's own: the same backbone, layers,
     input size, normalization and denoising, into a content-addressed feature store under
     ``cache_dir`` (skipped for methods that read pixels only: ``with_features=False``).
-    Combined (multi-network) features need ``transform``: the one the detector was trained
-    with (``model_transform``), and a source reading CutPaste's encoder the encoder file it
-    carries (``model_encoder``)."""
+    Combined (multi-network) features need what the detector's folder ``model_dir``
+    carries: the feature transform it was trained with, and the encoder file of a source
+    reading CutPaste's encoder."""
     store = None
     if with_features:
+        transform = _carried(model_dir, TRANSFORM_NAME)
         if features.combined and transform is None:
             raise DefectflowError("this detector reads combined features (features.sources) "
                                   "but its folder has no feature transform")
         store = feature_store(patches, manifest, features, mean=stats["mean"],
                               std=stats["std"], cache_dir=cache_dir, progress=False,
                               denoise=stats.get("denoise"), transform=transform,
-                              encoder=encoder)
+                              encoder=_carried(model_dir, ENCODER_FILE))
     return patch_set(store, patches, np.ones(len(patches), bool),
                      dict(zip(manifest["image_id"], manifest["path"])), features, stats)
 
 
-def model_transform(model_dir: str | Path) -> Path | None:
-    """The feature transform a trained detector's folder carries (combined features only)."""
-    path = Path(model_dir) / TRANSFORM_NAME
-    return path if path.is_file() else None
-
-
-def model_encoder(model_dir: str | Path) -> Path | None:
-    """The CutPaste encoder a trained detector's folder carries (a ``cutpaste`` source)."""
-    path = Path(model_dir) / ENCODER_FILE
-    return path if path.is_file() else None
+def _carried(model_dir: str | Path | None, name: str) -> Path | None:
+    """The file ``name`` a trained detector's folder carries (``feature_sources.carried_files``
+    put it there), None without one."""
+    path = None if model_dir is None else Path(model_dir) / name
+    return path if path is not None and path.is_file() else None

@@ -34,7 +34,7 @@ from ..fusion.deploy import (FOREST_NAME, FUSION_CONFIG_NAME, SEGMENTS_NAME, Fus
 from ..images import file_hash, image_header
 from ..methods import METHODS
 from ..patches import plan_patches
-from ..scoring import model_encoder, model_transform, new_images_batch, score_pieces
+from ..scoring import new_images_batch, score_pieces
 from ..stitching import stitch
 from .config import B64_COLUMN, CONFIG_NAME, ScoringConfig
 
@@ -56,8 +56,7 @@ class ImageScorer:
             raise DefectflowError(f"unknown method {config.method!r} in the scoring settings")
         self.config = config
         self.detector = METHODS[config.method].load(detector_dir)
-        self.transform = model_transform(detector_dir)  # combined features only
-        self.encoder = model_encoder(detector_dir)  # a source reading CutPaste's encoder
+        self.detector_dir = Path(detector_dir)  # with the files combined features need
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "ImageScorer":
@@ -110,7 +109,7 @@ class ImageScorer:
         # temporary store is the same float16 store the detector saw at test time.
         batch = new_images_batch(manifest, patches, cfg.features, cfg.stats, work / "cache",
                                  with_features=type(self.detector).reads_features,
-                                 transform=self.transform, encoder=self.encoder)
+                                 model_dir=self.detector_dir)
         size = cfg.features.input_size
         patch_maps = np.zeros((len(batch), size, size), dtype=np.float16)
         patch_scores = score_pieces(self.detector, batch, patch_maps)

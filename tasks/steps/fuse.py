@@ -20,7 +20,7 @@ from ..images import file_hash, read_image, text_hash
 from ..methods import METHODS
 from ..params import FusionParams
 from ..patches import plan_patches
-from ..scoring import model_encoder, model_transform, new_images_batch
+from ..scoring import new_images_batch
 from .common import step_key
 from .detect import score_into
 
@@ -257,8 +257,7 @@ def synthetic_scores_step(model: Ref, method: str, synthetic: Ref, category: str
     # features, for a source reading its encoder, has no feature transform to make one).
     batch = new_images_batch(table, rows, features, stats, cache_dir,
                              with_features=METHODS[method].reads_features,
-                             transform=model_transform(model.path),
-                             encoder=model_encoder(model.path))
+                             model_dir=model.path)
     key = step_key("score-synthetic", model.key,
                    batch.store.key if batch.store is not None else "pixels", category)
     with cached_folder(cache_dir, "scores", key) as out:
