@@ -26,10 +26,6 @@ class TorchFlatIndex:
         self.bank_sq = (self.bank.double() ** 2).sum(1).float()
         self.rows_per_block = max(1, block_bytes // (4 * max(1, len(bank))))
 
-    @property
-    def ntotal(self) -> int:
-        return len(self.bank)
-
     def search(self, queries: np.ndarray | torch.Tensor, k: int = 1
                ) -> tuple[np.ndarray, np.ndarray]:
         """(squared distances (n, k), bank rows (n, k)), nearest first, as numpy arrays."""

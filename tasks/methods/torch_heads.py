@@ -15,9 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def blur_radius(sigma: float, truncate: float = 4.0) -> int:
+    """scipy.ndimage.gaussian_filter's kernel radius for ``sigma``."""
+    return int(truncate * float(sigma) + 0.5)
+
+
 def gaussian_kernel(sigma: float, truncate: float = 4.0) -> np.ndarray:
     """scipy.ndimage.gaussian_filter's 1-D kernel (same radius rule and normalization)."""
-    radius = int(truncate * float(sigma) + 0.5)
+    radius = blur_radius(sigma, truncate)
     x = np.arange(-radius, radius + 1, dtype=np.float64)
     phi = np.exp(-0.5 / float(sigma) ** 2 * x ** 2)
     return (phi / phi.sum()).astype(np.float32)
@@ -52,7 +57,7 @@ class MapPost(nn.Module):
     @staticmethod
     def fits(size: int, sigma: float) -> bool:
         """Whether the blur's reflection padding fits in a map of ``size``."""
-        return sigma <= 0 or int(4.0 * float(sigma) + 0.5) <= size
+        return sigma <= 0 or blur_radius(sigma) <= size
 
     def forward(self, patch_scores: torch.Tensor) -> torch.Tensor:
         maps = F.interpolate(patch_scores[:, None], size=(self.size, self.size),
