@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .errors import DefectflowError
+from .normalization import IMAGENET_MEAN, IMAGENET_STD
 
 # The size of the dummy input used to measure channels and strides. Large enough
 # that the deepest stage (stride 32) still has a whole number of cells.
@@ -238,10 +239,6 @@ def _spec(name: str) -> _Spec:
         ) from None
 
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 def _lite_builder(variant: int) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         import timm  # imported when a model is built: a cached run never needs it
@@ -331,8 +328,8 @@ _SPECS: dict[str, _Spec] = {
             build_classifier=_torchvision_builder(name),
             stages=_resnet_stages,
             layers=("layer1", "layer2", "layer3", "layer4"),
-            input_mean=_IMAGENET_MEAN,
-            input_std=_IMAGENET_STD,
+            input_mean=IMAGENET_MEAN,
+            input_std=IMAGENET_STD,
         )
         for name in _TORCHVISION_WEIGHTS
     },

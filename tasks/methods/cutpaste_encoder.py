@@ -20,6 +20,7 @@ import torch
 
 from ..errors import DefectflowError
 from ..features import TrainedNetwork
+from ..normalization import IMAGENET_MEAN, IMAGENET_STD
 from .cutpaste import CutPaste, CutPasteParams
 from .cutpaste_net import Encoder, encoder_stages
 
@@ -65,8 +66,7 @@ def _backbone(encoder: Encoder, name: str, layers: Sequence[str]):
     # Stops after the deepest layer asked for, like ``load_backbone``.
     deepest = max(encoder.stage_names.index(layer) for layer in layers)
     # The ImageNet statistics CutPaste's encoders were trained with (informative only).
-    return Backbone(name, stages[:deepest + 1], layers, (0.485, 0.456, 0.406),
-                    (0.229, 0.224, 0.225))
+    return Backbone(name, stages[:deepest + 1], layers, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def load_encoder(path: str | Path, layers: Sequence[str], device: str = "cpu"):
