@@ -281,3 +281,5 @@ def test_torch_flat_index_finds_what_faiss_flat_index_finds():
     np.testing.assert_allclose(found_d, expected_d, rtol=1e-4, atol=1e-4)
     assert index.search(queries[:3], 900)[1].shape == (3, 500)   # k capped at the bank
     assert index.search(queries[:0], 2)[1].shape == (0, 2)
+    # On the CPU the index searches the bank in place: no second copy of a large bank.
+    assert np.shares_memory(index.bank.numpy(), bank)
