@@ -13,7 +13,8 @@ from defectflow.tasks import datasets, features as features_mod
 from defectflow.tasks.evaluation import image_metrics, pixel_metrics
 from defectflow.tasks.methods import PatchSet
 from defectflow.tasks.methods.ensemble import (FeatureEnsemble, FeatureEnsembleParams,
-                                               principal_components, truncated_l1_loss)
+                                               make_adaptor, principal_components,
+                                               truncated_l1_loss)
 from defectflow.tasks.methods.padim import PaDiM, PaDiMParams
 from defectflow.tasks.normalization import channel_stats
 from defectflow.tasks.patches import plan_patches
@@ -149,6 +150,15 @@ def test_truncated_l1_loss_is_zero_past_the_margin():
     assert truncated_l1_loss(torch.tensor([0.6, 2.0]), torch.tensor([-0.5, -3.0]), 0.5) == 0
     # true 0 misses by 0.5, fake 0.5 misses by 1.0
     assert truncated_l1_loss(torch.tensor([0.0]), torch.tensor([0.5]), 0.5) == pytest.approx(1.5)
+
+
+def test_the_adaptor_starts_as_the_identity_and_keeps_every_direction():
+    # A Xavier-initialized square matrix would shrink some directions to almost nothing,
+    # different ones for every seed; training starts from the features as the PCA gave them.
+    features = torch.randn(50, 64)
+    with torch.no_grad():
+        assert torch.equal(make_adaptor(64)(features), features)
+        assert torch.linalg.svdvals(make_adaptor(64).weight).min() == 1
 
 
 def test_params_reject_bad_values():
