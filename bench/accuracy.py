@@ -65,6 +65,15 @@ class Setting:
         return cls(name.strip(), parse_overrides(shlex.split(rest)))
 
 
+def run_overrides(setting: Setting, extra: dict, seed: int, detectors: list[str]) -> dict:
+    """The ``--set`` overrides of one measurement: the setting's, the bench's, and the seed
+    (the split's and every detector's)."""
+    overrides = {**setting.overrides, **extra, "dataset.seed": seed}
+    for method in detectors:
+        overrides[f"methods.{method}.seed"] = seed
+    return overrides
+
+
 def measure(dataset: str, params_file: Path, setting: Setting, seed: int, detectors: list[str],
             extra: dict, scratch: str):
     """Yield one result row per (category, detector) of one data set, setting and seed."""
@@ -74,10 +83,7 @@ def measure(dataset: str, params_file: Path, setting: Setting, seed: int, detect
     from defectflow.tasks.steps import evaluate_step, score_step, train_step
     from defectflow.tasks.steps.common import category_rows
 
-    overrides = {**setting.overrides, **extra, "dataset.seed": seed}
-    for method in detectors:
-        overrides[f"methods.{method}.seed"] = seed
-    params = load_params(params_file, overrides)
+    params = load_params(params_file, run_overrides(setting, extra, seed, detectors))
     scanned, patches, cache = prepare_without_prefect(params)
     manifest = scanned.manifest.table()
     categories = sorted(manifest["category"].unique())
@@ -153,6 +159,13 @@ def format_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def params_file_of(dataset: str) -> tuple[Path, str]:
+    """(params file, data set name) of a ``--datasets`` entry: a name from DATASETS or a file."""
+    if dataset in DATASETS:
+        return ROOT / DATASETS[dataset], dataset
+    return Path(dataset), Path(dataset).stem
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), metavar="NAME|PARAMS",
@@ -185,9 +198,22 @@ def main(argv=None) -> dict:
     unknown = sorted(set(detectors) - set(METHODS))
     if unknown:
         parser.error(f"unknown detector(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    settings = [Setting.parse(s) for s in args.setting] or [Setting("params", {})]
+    from defectflow.tasks.errors import DefectflowError
+    from defectflow.tasks.params import load_params
+
     where = dict(item.split("=", 1) for item in args.data)
-    extra = parse_overrides(args.set)
+    try:
+        settings = [Setting.parse(s) for s in args.setting] or [Setting("params", {})]
+        extra = parse_overrides(args.set)
+        # Every data set x setting is checked before anything is measured: a bad setting
+        # found after an hour of other settings would be an hour lost.
+        for dataset in args.datasets:
+            params_file, name = params_file_of(dataset)
+            data = {"dataset.path": where[name]} if name in where else {}
+            for setting in settings:
+                load_params(params_file, run_overrides(setting, {**data, **extra}, 0, detectors))
+    except DefectflowError as error:
+        parser.exit(2, f"bench/accuracy.py: {error}\n")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
@@ -199,8 +225,7 @@ def main(argv=None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="defectflow-accuracy-") as scratch:
         for dataset in args.datasets:
-            params_file = ROOT / DATASETS[dataset] if dataset in DATASETS else Path(dataset)
-            dataset = dataset if dataset in DATASETS else params_file.stem
+            params_file, dataset = params_file_of(dataset)
             data = {"dataset.path": where[dataset]} if dataset in where else {}
             for setting in settings:
                 for seed in range(args.seeds):

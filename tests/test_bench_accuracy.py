@@ -132,3 +132,24 @@ def test_a_setting_that_names_a_bad_value_is_a_one_line_error(accuracy_bench):
 
     with pytest.raises(DefectflowError, match="--set"):
         accuracy_bench.Setting.parse("bad: features.layers=[unclosed")
+
+
+def test_a_bad_setting_stops_the_bench_before_any_measurement(tmp_path, accuracy_bench, capsys):
+    # The second setting is invalid only once loaded (PaDiM takes 1 to 3 layers): it must be
+    # found before the first setting's seeds are measured, not after them.
+    params = tmp_path / "tiny.yaml"
+    params.write_text(yaml.safe_dump({
+        "dataset": {"layout": "folder", "path": str(tmp_path / "nowhere"), "category": "x"},
+        "features": {"input_size": 64, "layers": ["blocks.2", "blocks.3"]},
+        "cache_dir": str(tmp_path / "cache")}))
+    out = tmp_path / "accuracy.json"
+    with pytest.raises(SystemExit) as stopped:
+        accuracy_bench.main([
+            "--datasets", str(params), "--detectors", "padim", "--seeds", "1",
+            "--setting", "params",
+            "--setting", "four layers: features.layers=[blocks.1,blocks.2,blocks.3,blocks.4]",
+            "--json", str(out)])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "PaDiM needs 1 to 3 distinct layers" in err[0]
+    assert not out.exists() and not (tmp_path / "cache").exists()
