@@ -69,9 +69,9 @@ def _backbone(encoder: Encoder, name: str, layers: Sequence[str]):
     return Backbone(name, stages[:deepest + 1], layers, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def load_encoder(path: str | Path, layers: Sequence[str], device: str = "cpu"):
-    """The encoder in the file ``path`` as a frozen ``Backbone`` returning ``layers``."""
-    saved = _read(path)
+def load_encoder(saved: dict, path: str | Path, layers: Sequence[str], device: str = "cpu"):
+    """The encoder read from the file ``path`` (``saved``) as a frozen ``Backbone`` returning
+    ``layers``."""
     unknown = [layer for layer in layers if layer not in encoder_stages(saved["encoder"])]
     if unknown:
         raise DefectflowError(f"unknown layer(s) {unknown} for the CutPaste encoder "
@@ -83,10 +83,11 @@ def load_encoder(path: str | Path, layers: Sequence[str], device: str = "cpu"):
 
 
 def encoder_network(path: str | Path) -> TrainedNetwork:
-    """The encoder file as the stand-in for a backbone in ``features.extract_features``."""
-    key = _read(path)["key"]
-    return TrainedNetwork(identity=f"{ENCODER_SOURCE}:{key}",
-                          load=lambda layers, device: load_encoder(path, layers, device))
+    """The encoder file as the stand-in for a backbone in ``features.extract_features``; the
+    file is read once, for its key and, when features are extracted, its weights."""
+    saved = _read(path)
+    return TrainedNetwork(identity=f"{ENCODER_SOURCE}:{saved['key']}",
+                          load=lambda layers, device: load_encoder(saved, path, layers, device))
 
 
 def pretrained_channels(params: CutPasteParams, layers: Sequence[str]) -> int:
