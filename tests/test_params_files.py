@@ -22,8 +22,9 @@ def test_the_project_ships_params_files():
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
 def test_a_shipped_params_file_passes_the_checks_before_a_run(path, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)   # data paths in the files are relative to the checkout
-    params = load_params(path, {"cache_dir": str(tmp_path / "cache"),
-                                "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    scratch = {"cache_dir": str(tmp_path / "cache"),
+               "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    params = load_params(path, scratch)
     data = params.dataset.path
     if data and data.startswith("../shared") and not (ROOT / data).exists():
         pytest.skip(f"{data} is not beside this checkout")
@@ -33,8 +34,6 @@ def test_a_shipped_params_file_passes_the_checks_before_a_run(path, tmp_path, mo
         from conftest import make_folder_dataset
 
         folder = make_folder_dataset(tmp_path / "product", n_good=4, n_bad=2, size=32)
-        params = load_params(path, {"cache_dir": str(tmp_path / "cache"),
-                                    "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-                                    "dataset.path": str(folder)})
+        params = load_params(path, {**scratch, "dataset.path": str(folder)})
     preflight(params)
     assert params.methods, f"{path.name} names no detector"

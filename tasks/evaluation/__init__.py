@@ -21,12 +21,12 @@ from importlib import import_module
 
 _MODULE_OF = {
     **dict.fromkeys(("threshold_from_good", "image_metrics", "pixel_metrics", "fpr_at_tpr",
-                     "per_defect_type_auroc", "per_defect_type_pixel_auroc", "score_table", "image_scores",
-                     "labels_and_scores", "check_maps"), "metrics"),
+                     "per_defect_type_auroc", "per_defect_type_pixel_auroc", "score_table",
+                     "image_scores", "labels_and_scores", "check_maps"), "metrics"),
     **dict.fromkeys(("aupro", "spro"), "regions"),
-    **dict.fromkeys(("PIXEL_EVAL_SIDE", "SPRO_FPR_LIMIT", "is_patch_mode", "stitched_map",
-                     "stitched_pixel_metrics", "patch_pixel_metrics", "spro_metrics",
-                     "mask_crop"), "localization"),
+    **dict.fromkeys(("PIXEL_EVAL_SIDE", "AUPRO_FPR_LIMIT", "SPRO_FPR_LIMIT", "is_patch_mode",
+                     "stitched_map", "stitched_pixel_metrics", "patch_pixel_metrics",
+                     "spro_metrics", "mask_crop"), "localization"),
     **dict.fromkeys(("DISPLAY_MAX_SIDE", "save_overlay", "full_image_figure", "overlay_title",
                      "threshold_contours", "overlay_pixels", "overlay_figure", "outcome"),
                     "overlays"),

@@ -21,6 +21,7 @@ from .regions import aupro, spro
 
 PIXEL_EVAL_SIDE = 1024  # stitched maps are sampled on a grid this fine for pixel metrics
 SPRO_FPR_LIMIT = 0.05  # MVTec LOCO AD reports sPRO up to 5% FPR
+AUPRO_FPR_LIMIT = 0.3  # MVTec AD reports AUPRO up to 30% FPR
 
 
 def is_patch_mode(patch_scores: pd.DataFrame, manifest: pd.DataFrame) -> bool:
@@ -70,7 +71,7 @@ def stitched_pixel_metrics(test_patches: pd.DataFrame, maps: np.ndarray,
     value = np.concatenate(values)[None, :]
     metrics = pixel_metrics([truth.astype(bool)], [value.astype(np.float32)])
     # Region-level localization (MVTec AD) on the same sampled grid; NaN: not inspected.
-    metrics["aupro"] = aupro(sampled_masks, sampled_maps, fpr_limit=0.3)
+    metrics["aupro"] = aupro(sampled_masks, sampled_maps, fpr_limit=AUPRO_FPR_LIMIT)
     return metrics
 
 
@@ -104,7 +105,7 @@ def patch_pixel_metrics(test_patches: pd.DataFrame, maps: np.ndarray,
     defect_masks = [m for m in masks if m is not None and m.any()]
     if defect_masks:
         # Region-level localization (MVTec AD): AUPRO up to 30% FPR, normalized.
-        metrics["aupro"] = aupro(masks, pixel_maps, fpr_limit=0.3)
+        metrics["aupro"] = aupro(masks, pixel_maps, fpr_limit=AUPRO_FPR_LIMIT)
     return metrics
 
 

@@ -84,7 +84,8 @@ class PatchCoreParams:
 def check_border_pooling(value: str) -> None:
     """``border_pooling`` is one of :data:`BORDER_POOLINGS` (PatchCore's and the ensemble's)."""
     if value not in BORDER_POOLINGS:
-        raise ValueError(f"border_pooling must be 'zero_padded' or 'valid', got {value!r}")
+        raise ValueError(f"border_pooling must be {' or '.join(map(repr, BORDER_POOLINGS))}, "
+                         f"got {value!r}")
 
 
 def embed(feature_maps: dict[str, np.ndarray], layers,
