@@ -197,3 +197,29 @@ def test_patch_models_and_fusions_are_refused_in_one_line(registered, tmp_path, 
     assert main(["export", "--model", "no-such-model@champion", "--format", "onnx",
                  "--out", str(tmp_path / "x"), "--tracking-uri", uri]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_an_export_logged_by_an_older_graph_is_made_anew(registered, tmp_path):
+    """An export whose export.json names an older graph_version is not reused: it is
+    exported anew and logged over the old files."""
+    from mlflow.tracking import MlflowClient
+
+    from defectflow.tasks.serving.onnx_export import EXPORT_JSON, GRAPH_VERSION
+    from defectflow.tasks.tracking.exports import exported_model
+
+    tmp, uri, _ = registered
+    ref = f"{model_name(PaDiM.name)}@champion"
+    folder, resolved = exported_model(ref, uri, "onnx", tmp_path / "first")
+    meta = json.loads((folder / EXPORT_JSON).read_text())
+    assert meta["graph_version"] == GRAPH_VERSION
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / EXPORT_JSON).write_text(json.dumps({**meta, "graph_version": GRAPH_VERSION - 1}))
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.log_artifact(resolved["run_id"], str(old / EXPORT_JSON), "export/onnx")
+
+    folder, _ = exported_model(ref, uri, "onnx", tmp_path / "second")
+    assert json.loads((folder / EXPORT_JSON).read_text())["graph_version"] == GRAPH_VERSION
+    logged = client.download_artifacts(resolved["run_id"], f"export/onnx/{EXPORT_JSON}",
+                                       str(tmp_path / "check"))
+    assert json.loads(Path(logged).read_text())["graph_version"] == GRAPH_VERSION

@@ -113,12 +113,6 @@ def top_k_count(fraction: float, size: int) -> int:
 class MSFlow(FeatureDetector):
     name = "msflow"
     Params = MSFlowParams
-    # Measured on generated data (tests/test_export_onnx.py): ONNX Runtime keeps the parity
-    # guarantee, OpenVINO's CPU backbone does not (score gap 0.36 against a bound of 0.044).
-    format_refusals = {"openvino": "OpenVINO's CPU plugin computes the backbone features "
-                                   "slightly differently, and the per-position whitening "
-                                   "amplifies that beyond the export's score parity "
-                                   "guarantee; export to onnx instead"}
 
     def __init__(self, params: MSFlowParams | None = None):
         super().__init__(params)

@@ -22,7 +22,7 @@ from scipy.ndimage import gaussian_filter
 
 from ..coreset import StreamingCoreset
 from .base import FeatureDetector, PatchSet
-from .cell_search import CellIndex
+from .cell_search import QUERY_BLOCK, CellIndex
 from .flat_search import TorchFlatIndex
 from .torch_heads import MapPost, PatchCoreHead, PatchEmbedHead
 
@@ -213,9 +213,14 @@ class PatchCore(FeatureDetector):
         nearest = self._nearest(queries)
         # faiss computes |q|^2 - 2 q.m + |m|^2, which loses small distances to
         # cancellation: the distance to the neighbour found is taken directly (as in
-        # the exported graph, torch_heads.PatchCoreHead).
-        patch_scores = np.linalg.norm(queries - self.memory_bank[nearest],
-                                      axis=1).reshape(n, h * w)
+        # the exported graph, torch_heads.PatchCoreHead), in blocks of rows that the
+        # allocator reuses (see cell_search.QUERY_BLOCK).
+        patch_scores = np.empty(len(queries), dtype=np.float32)
+        for start in range(0, len(queries), QUERY_BLOCK):
+            rows = slice(start, start + QUERY_BLOCK)
+            patch_scores[rows] = np.linalg.norm(queries[rows] - self.memory_bank[nearest[rows]],
+                                                axis=1)
+        patch_scores = patch_scores.reshape(n, h * w)
         nearest = nearest.reshape(n, h * w)
         queries = queries.reshape(n, h * w, dim)
         if self.params.search != "exact" and self.params.exact_top:
@@ -269,8 +274,9 @@ class PatchCore(FeatureDetector):
                              mode="bilinear", align_corners=False)[:, 0].numpy()
         sigma = self.params.smoothing_sigma
         if sigma > 0:
-            maps = np.stack([gaussian_filter(m, sigma=sigma) for m in maps])
-        return maps.astype(np.float32)
+            for index, image_map in enumerate(maps):
+                maps[index] = gaussian_filter(image_map, sigma=sigma)
+        return maps.astype(np.float32, copy=False)
 
     def torch_head(self, input_size: int) -> PatchCoreHead | PatchEmbedHead:
         """Exact search: in the graph; each bank vector's ``num_neighbors`` nearest bank

@@ -4,9 +4,10 @@ self-contained ONNX or OpenVINO model, with ``export.json`` beside it.
 The graph (``torch.onnx.export``, opset 17; OpenVINO converts that ONNX file):
 
     pixels uint8 (B, S, S, 3), RGB, already resized to the model's input size S
-      -> /255, minus mean, divided by std (the run's normalization)   preprocessing
+      -> normalization (the run's mean, std) as a lookup table          preprocessing
       -> backbone (batch norms folded, as the pipeline extracts)       features
-      -> each layer's maps rounded to float16 and back                 as the pipeline's store
+      -> each layer's maps rounded to float16 and back, in float32     as the pipeline's store
+         arithmetic (float16_rounded)
       -> the detector's ``torch_head`` (methods.torch_heads)           head + map post-processing
       -> score (B,) float32, anomaly_map (B, S, S) float32
 
@@ -28,11 +29,13 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..backbones import fold_batchnorm, load_backbone
 from ..errors import DefectflowError
+from ..features import normalize_batch
 from ..methods import METHODS
 from .config import CONFIG_NAME, ScoringConfig
 
@@ -40,6 +43,10 @@ EXPORT_JSON = "export.json"
 FORMATS = ("onnx", "openvino")
 MODEL_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
 OPSET = 17
+# Bumped whenever the graph computes differently: an export logged by an older graph is
+# made anew instead of fetched (tracking.exports.fetch_exported). 2: the normalization as a
+# lookup table and float16_rounded, with which OpenVINO keeps the pipeline's values.
+GRAPH_VERSION = 2
 INPUT_NAME, SCORE_NAME, MAP_NAME = "pixels", "score", "anomaly_map"
 FEATURES_NAME = "features"
 DETECTOR_DIR = "detector"
@@ -49,22 +56,48 @@ DISTANCE_BYTES = 256 << 20
 
 
 class ExportGraph(nn.Module):
-    """Preprocessing, backbone, float16 rounding of the features and the detector's head."""
+    """Preprocessing, backbone, float16 rounding of the features and the detector's head.
+
+    The normalization is a lookup table of the 256 levels of each channel, computed by
+    ``features.normalize_batch`` itself, so the backbone gets the pipeline's very values in
+    every runtime. The division it replaces is not safe in an export: OpenVINO's CPU plugin
+    turns a division by a constant into a multiplication by its reciprocal, which rounds
+    differently, and that moved the features of the whole backbone.
+    """
 
     def __init__(self, backbone: nn.Module, layers, head: nn.Module, mean, std):
         super().__init__()
         self.backbone = backbone
         self.layers = list(layers)
         self.head = head
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        levels = np.repeat(np.arange(256, dtype=np.uint8)[None, None, :, None], 3, axis=3)
+        table = normalize_batch(levels, mean, std, "cpu")[0, :, 0, :]  # (3 channels, 256)
+        self.register_buffer("table", table.reshape(-1).contiguous())
+        self.register_buffer("channel_offset", torch.arange(3) * 256)
 
     def forward(self, pixels: torch.Tensor):
-        # The same operations, in the same order, as features.normalize_batch.
-        x = pixels.permute(0, 3, 1, 2).float() / 255.0
-        x = (x - self.mean) / self.std
+        x = self.table[pixels.long() + self.channel_offset].permute(0, 3, 1, 2)
         feats = self.backbone(x)
-        return self.head([feats[layer].half().float() for layer in self.layers])
+        return self.head([float16_rounded(feats[layer]) for layer in self.layers])
+
+
+def float16_rounded(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to the nearest float16 (ties to even) and back, computed in float32.
+
+    The plain cast is not safe in an export: OpenVINO's CPU plugin drops a float32 ->
+    float16 -> float32 round trip, so its features were not rounded as the pipeline's
+    float16 store rounds them. Here the float16 spacing of each value (2^-24 below 2^-13,
+    doubling at each power of two up to 32) is found by comparisons, and ``x`` is rounded to
+    a multiple of it (division by a power of two and ``round`` are exact). Equal bit for bit
+    to ``x.half().float()`` for every float32 of magnitude up to 65504, float16's largest
+    value (checked over all float16 values, their neighbours and their midpoints in torch,
+    ONNX Runtime and OpenVINO); beyond it the cast gives infinity, this a finite value.
+    """
+    magnitude = x.abs()
+    spacing = torch.full_like(x, 2.0 ** -24)
+    for exponent in range(-13, 16):
+        spacing = torch.where(magnitude >= 2.0 ** exponent, spacing * 2.0, spacing)
+    return torch.round(x / spacing) * spacing
 
 
 def load_model_folder(folder: str | Path):
@@ -193,6 +226,7 @@ def describe(config: ScoringConfig, detector, fmt: str, batch_size: int) -> dict
     size = config.features.input_size
     return {
         "format": fmt, "model_file": MODEL_FILES[fmt], "opset": OPSET,
+        "graph_version": GRAPH_VERSION,
         "method": config.method, "dataset": config.dataset, "category": config.category,
         "backbone": config.features.backbone, "layers": list(detector.params.layers),
         "input_size": size, "mean": list(config.mean), "std": list(config.std),

@@ -4,6 +4,7 @@ and fetched back for scoring."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -11,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from ..errors import DefectflowError
 from ..serving.config import CONFIG_NAME
-from ..serving.onnx_export import EXPORT_JSON, FORMATS, export_folder
+from ..serving.onnx_export import EXPORT_JSON, FORMATS, GRAPH_VERSION, export_folder
 from .loading import resolve_model
 
 
@@ -54,14 +55,18 @@ def export_registered(resolved: dict, uri: str, fmt: str, out: str | Path,
 
 def fetch_exported(resolved: dict, uri: str, fmt: str, dest: str | Path) -> Path | None:
     """The version's exported ``fmt`` files, downloaded into ``dest``; None when the version
-    was never exported to ``fmt``."""
+    was never exported to ``fmt``, or when the logged export was made by an older graph
+    (``GRAPH_VERSION``), which the caller then exports anew."""
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     names = {Path(a.path).name for a in client.list_artifacts(resolved["run_id"],
                                                               export_artifact_path(fmt))}
     if EXPORT_JSON not in names:
         return None
-    local = client.download_artifacts(resolved["run_id"], export_artifact_path(fmt), str(dest))
-    return Path(local)
+    local = Path(client.download_artifacts(resolved["run_id"], export_artifact_path(fmt),
+                                           str(dest)))
+    if json.loads((local / EXPORT_JSON).read_text()).get("graph_version", 1) != GRAPH_VERSION:
+        return None
+    return local
 
 
 def exported_model(ref: str | dict, uri: str, fmt: str, dest: str | Path) -> tuple[Path, dict]:
