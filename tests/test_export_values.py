@@ -127,3 +127,28 @@ def test_exported_preprocessing_and_rounding_keep_the_pipelines_values(runtime):
     truth = values.astype(np.float16).astype(np.float32)
     assert np.array_equal(rounded.view(np.uint32), truth.view(np.uint32))
     assert np.array_equal(graph, _expected(pixels))
+
+
+@pytest.mark.parametrize("grid,size,sigma", [(28, 224, 4.0), (4, 16, 4.0), (9, 32, 2.5),
+                                             (7, 56, 0.0), (3, 8, 4.0)])
+def test_the_pipelines_map_post_processing_is_the_exported_one(grid, size, sigma):
+    """upsample_and_smooth (OpenCV, the pipeline's CPU maps) against MapPost (the exported
+    graph's torch form) and F.interpolate + scipy's gaussian_filter, to float32 rounding;
+    a blur wider than the map (radius 16 > 8 px) goes through scipy."""
+    import torch.nn.functional as F
+    from scipy.ndimage import gaussian_filter
+
+    from defectflow.tasks.methods.torch_heads import MapPost, upsample_and_smooth
+
+    scores = (np.random.default_rng(grid).random((3, grid, grid)) * 30).astype(np.float32)
+    ours = upsample_and_smooth(scores, size, sigma)
+    reference = F.interpolate(torch.from_numpy(scores[:, None]), size=(size, size),
+                              mode="bilinear", align_corners=False)[:, 0].numpy()
+    if sigma > 0:
+        reference = np.stack([gaussian_filter(m, sigma=sigma) for m in reference])
+    assert ours.shape == (3, size, size) and ours.dtype == np.float32
+    assert np.abs(ours - reference).max() <= 1e-6 * np.abs(reference).max()
+    if MapPost.fits(size, sigma):
+        with torch.no_grad():
+            exported = MapPost(size, sigma)(torch.from_numpy(scores)).numpy()
+        assert np.abs(ours - exported).max() <= 1e-6 * np.abs(reference).max()

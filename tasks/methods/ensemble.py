@@ -40,8 +40,9 @@ import torch
 from torch import nn
 
 from .base import FeatureDetector, PatchSet
-from .padim import GaussianAccumulator, upsample_and_smooth
+from .padim import GaussianAccumulator
 from .patchcore import check_border_pooling, embed
+from .torch_heads import upsample_and_smooth
 
 CHUNK_SIZE = 64   # images per feature chunk while reading the store
 

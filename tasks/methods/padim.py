@@ -33,10 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
 
 from .base import FeatureDetector, PatchSet
-from .torch_heads import PaDiMHead
+from .torch_heads import PaDiMHead, upsample_and_smooth
 
 CHUNK_SIZE = 64   # images per feature chunk: bounds the (n, h*w, d) working arrays
 
@@ -146,15 +145,6 @@ def mahalanobis(features: torch.Tensor, mean: torch.Tensor, inverse_cov: torch.T
     diff = features - mean
     weighted = torch.einsum("npd,pde->npe", diff, inverse_cov)
     return (weighted * diff).sum(dim=-1).clamp_min(0).sqrt()
-
-
-def upsample_and_smooth(patch_scores: np.ndarray, size: int, sigma: float) -> np.ndarray:
-    """(n, h, w) patch scores → (n, size, size) float32 maps: bilinear upsampling, blur."""
-    maps = F.interpolate(torch.from_numpy(np.ascontiguousarray(patch_scores, np.float32)[:, None]),
-                         size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
-    if sigma > 0:
-        maps = np.stack([gaussian_filter(m, sigma=sigma) for m in maps])
-    return maps.astype(np.float32)
 
 
 class PaDiM(FeatureDetector):

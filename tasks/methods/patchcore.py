@@ -18,13 +18,12 @@ import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
 
 from ..coreset import StreamingCoreset
 from .base import FeatureDetector, PatchSet
 from .cell_search import QUERY_BLOCK, CellIndex
 from .flat_search import TorchFlatIndex
-from .torch_heads import MapPost, PatchCoreHead, PatchEmbedHead
+from .torch_heads import MapPost, PatchCoreHead, PatchEmbedHead, upsample_and_smooth
 
 
 #: The 3x3 average at the map border: counting the zero padding, or the cells inside only.
@@ -270,13 +269,7 @@ class PatchCore(FeatureDetector):
             post = MapPost(size, self.params.smoothing_sigma).to(self._search_device)
             with torch.inference_mode():
                 return post(torch.from_numpy(patch_scores).to(self._search_device)).cpu().numpy()
-        maps = F.interpolate(torch.from_numpy(patch_scores[:, None]), size=(size, size),
-                             mode="bilinear", align_corners=False)[:, 0].numpy()
-        sigma = self.params.smoothing_sigma
-        if sigma > 0:
-            for index, image_map in enumerate(maps):
-                maps[index] = gaussian_filter(image_map, sigma=sigma)
-        return maps.astype(np.float32, copy=False)
+        return upsample_and_smooth(patch_scores, size, self.params.smoothing_sigma)
 
     def torch_head(self, input_size: int) -> PatchCoreHead | PatchEmbedHead:
         """Exact search: in the graph; each bank vector's ``num_neighbors`` nearest bank

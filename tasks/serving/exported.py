@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DefectflowError
-from ..features import resize
+from ..features import prefetch, resize
 from ..images import read_image
 from ..patches import denoise_image
 from .config import CONFIG_NAME, ScoringConfig
@@ -72,8 +72,10 @@ class _OpenVino:
         self.request = self.model.create_infer_request()
 
     def __call__(self, pixels: np.ndarray) -> list[np.ndarray]:
-        result = self.request.infer({INPUT_NAME: pixels})
-        return [np.asarray(result[output]) for output in self.model.outputs]
+        """The outputs, as views of OpenVINO's own buffers (no copy): valid until the next
+        call, which is all the scorer needs."""
+        result = self.request.infer({INPUT_NAME: pixels}, share_inputs=True, share_outputs=True)
+        return [result[output] for output in self.model.outputs]
 
 
 class ExportedScorer:
@@ -106,34 +108,47 @@ class ExportedScorer:
 
     def score_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Scores (n,) and float32 maps (n, S, S) of resized RGB uint8 images (n, S, S, 3)."""
-        scores, maps = [], []
+        size = self.config.features.input_size
+        scores = np.empty(len(pixels), dtype=np.float32)
+        maps = np.empty((len(pixels), size, size), dtype=np.float32)
         for start in range(0, len(pixels), self.batch_size):
-            batch = np.ascontiguousarray(pixels[start:start + self.batch_size], np.uint8)
-            outputs = self.run(batch)
+            part = slice(start, start + self.batch_size)
+            outputs = self.run(np.ascontiguousarray(pixels[part], np.uint8))
             if self.detector is not None:
-                outputs = self.detector.score_embedded(outputs[0],
-                                                       self.config.features.input_size)
-            part_scores, part_maps = outputs
-            scores.append(np.asarray(part_scores, np.float32))
-            maps.append(np.asarray(part_maps, np.float32))
-        return np.concatenate(scores), np.concatenate(maps)
+                outputs = self.detector.score_embedded(outputs[0], size)
+            scores[part], maps[part] = outputs
+        return scores, maps
 
     def score(self, images) -> pd.DataFrame:
         """As ``ImageScorer.score``: one row per image (image, score, threshold, verdict,
-        anomaly_map at the image's resolution). An unreadable file raises DefectflowError."""
+        anomaly_map at the image's resolution). An unreadable file raises DefectflowError.
+        The next batch is decoded and resized in a background thread while the runtime
+        scores the current one, as the pipeline's extraction does."""
         threshold = self.config.threshold
+        size = self.config.features.input_size
+        sizes, scores, image_maps = [], [], []
+
+        def batches(paths: list[str]):
+            for start in range(0, len(paths), self.batch_size):
+                pixels = []
+                for path in paths[start:start + self.batch_size]:
+                    image = denoise_image(read_image(path), self.config.denoise)
+                    sizes.append((image.shape[1], image.shape[0]))
+                    pixels.append(resize(image, size))
+                yield np.stack(pixels)
+
         with tempfile.TemporaryDirectory(prefix="defectflow-exported-") as tmp:
             paths, names = materialize_images(images, Path(tmp))
-            if not paths:
-                return verdict_frame([], [], threshold, [])
-            sizes, batch = [], []
-            for path in paths:
-                image = denoise_image(read_image(path), self.config.denoise)
-                sizes.append((image.shape[1], image.shape[0]))
-                batch.append(resize(image, self.config.features.input_size))
-        scores, maps = self.score_pixels(np.stack(batch))
-        # float16 as the pipeline stores maps, then resized to the image like ImageScorer.
-        image_maps = [cv2.resize(m.astype(np.float16).astype(np.float32), size,
-                                 interpolation=cv2.INTER_LINEAR)
-                      for m, size in zip(maps, sizes)]
-        return verdict_frame(names, scores.astype(np.float64), threshold, image_maps)
+            for pixels in prefetch(batches(paths)):
+                part_scores, part_maps = self.score_pixels(pixels)
+                scores.append(part_scores)
+                # float16 as the pipeline stores maps, then resized to the image like
+                # ImageScorer.
+                done = len(image_maps)
+                image_maps += [cv2.resize(m.astype(np.float16).astype(np.float32), shape,
+                                          interpolation=cv2.INTER_LINEAR)
+                               for m, shape in zip(part_maps, sizes[done:done + len(part_maps)])]
+        if not scores:
+            return verdict_frame([], [], threshold, [])
+        return verdict_frame(names, np.concatenate(scores).astype(np.float64), threshold,
+                             image_maps)

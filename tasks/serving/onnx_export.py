@@ -86,17 +86,21 @@ def float16_rounded(x: torch.Tensor) -> torch.Tensor:
 
     The plain cast is not safe in an export: OpenVINO's CPU plugin drops a float32 ->
     float16 -> float32 round trip, so its features were not rounded as the pipeline's
-    float16 store rounds them. Here the float16 spacing of each value (2^-24 below 2^-13,
-    doubling at each power of two up to 32) is found by comparisons, and ``x`` is rounded to
-    a multiple of it (division by a power of two and ``round`` are exact). Equal bit for bit
-    to ``x.half().float()`` for every float32 of magnitude up to 65504, float16's largest
-    value (checked over all float16 values, their neighbours and their midpoints in torch,
-    ONNX Runtime and OpenVINO); beyond it the cast gives infinity, this a finite value.
+    float16 store rounds them. Here each value's float16 spacing (2^-24 below 2^-14, then
+    2^(e-10) for values in [2^e, 2^(e+1))) is found by a binary search over the exponent
+    with exact comparisons, and ``x`` is rounded to a multiple of it (products and
+    divisions by powers of two and ``round`` are exact). Equal bit for bit to
+    ``x.half().float()`` for every float32 of magnitude up to 65504, float16's largest
+    value (checked over all float16 values, their neighbours and the midpoints between them
+    in torch, ONNX Runtime and OpenVINO: tests/test_export_values.py); beyond it the cast
+    gives infinity, this a finite value.
     """
     magnitude = x.abs()
     spacing = torch.full_like(x, 2.0 ** -24)
-    for exponent in range(-13, 16):
-        spacing = torch.where(magnitude >= 2.0 ** exponent, spacing * 2.0, spacing)
+    for step in (16, 8, 4, 2, 1):  # up to 31 doublings: 2^-24 .. 2^5 covers float16's range
+        # The spacing may double 2^step times if the value reaches 2^10 times that spacing.
+        spacing = torch.where(magnitude >= spacing * 2.0 ** (step + 10),
+                              spacing * 2.0 ** step, spacing)
     return torch.round(x / spacing) * spacing
 
 
