@@ -17,7 +17,11 @@ from .features import FeatureStoreRef, resolve_device
 from .methods import PatchSet
 from .methods.cutpaste_encoder import ENCODER_FILE
 
-SCORE_PIECE = 512  # patches scored per call: bounds the anomaly maps held in memory
+# Patches scored per call. It bounds the anomaly maps and features held in memory, and keeps
+# each call's arrays small enough (tens of MB at 224 px) for the allocator to reuse them: with
+# 512, every call took hundreds of MB of fresh pages, whose first touches cost more than the
+# search itself on this project's 2-core VMs (bench/serving.py: the pyfunc 44.9 -> see README).
+SCORE_PIECE = 64
 
 
 def patch_set(store: FeatureStoreRef | None, rows: pd.DataFrame, selected: np.ndarray,
@@ -39,7 +43,7 @@ def score_pieces(detector, batch: PatchSet, maps: np.ndarray) -> np.ndarray:
         cores.follow()  # the current share of the cores, when steps run side by side
         part = slice(start, min(start + SCORE_PIECE, len(batch)))
         scores[part], piece_maps = detector.score(batch.subset(part))
-        maps[part] = piece_maps.astype(np.float16)
+        maps[part] = piece_maps  # cast to float16 on assignment, without a copy
     return scores
 
 

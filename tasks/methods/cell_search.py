@@ -35,7 +35,6 @@ class CellIndex:
                  offsets: np.ndarray, probe: int):
         self.bank = bank
         self.centroids = np.ascontiguousarray(centroids, np.float32)
-        self.centroid_sq = (self.centroids.astype(np.float64) ** 2).sum(1).astype(np.float32)
         self.order = order.astype(np.int64)            # bank rows, grouped by cell
         self.offsets = offsets.astype(np.int64)        # cell c: order[offsets[c]:offsets[c+1]]
         self.probe = max(1, min(int(probe), len(self.centroids)))
@@ -45,8 +44,6 @@ class CellIndex:
         self._sorted_t = torch.from_numpy(np.ascontiguousarray(sorted_bank.T))
         self._sorted_sq = torch.from_numpy(
             (sorted_bank.astype(np.float64) ** 2).sum(1).astype(np.float32))
-        self._centroids_t = torch.from_numpy(np.ascontiguousarray(self.centroids.T))
-        self._centroid_sq = torch.from_numpy(self.centroid_sq)
 
     @classmethod
     def build(cls, bank: np.ndarray, lists: int, probe: int, seed: int = 0) -> "CellIndex":
@@ -83,17 +80,17 @@ class CellIndex:
         return len(self.centroids)
 
     def probed_cells(self, queries: torch.Tensor) -> torch.Tensor:
-        """(n, probe) cells nearest to each query, by centroid distance."""
+        """(n, probe) cells nearest to each query, by centroid distance: faiss's k-nearest
+        search over the centroids, in blocks (the same cells as a product and torch's topk,
+        measured, and 25% faster: /work/exp/ov10/cells_parts.py)."""
         if self.probe >= self.lists:
             return torch.arange(self.lists).expand(len(queries), self.lists)
-        cells = torch.empty((len(queries), self.probe), dtype=torch.int64)
+        cells = np.empty((len(queries), self.probe), dtype=np.int64)
+        flat = queries.numpy()
         for start in range(0, len(queries), QUERY_BLOCK):
             block = slice(start, start + QUERY_BLOCK)
-            # |q|^2 is the same for every centroid of a query: left out of the ranking.
-            ranking = torch.addmm(self._centroid_sq, queries[block], self._centroids_t,
-                                  alpha=-2.0)
-            cells[block] = ranking.topk(self.probe, dim=1, largest=False, sorted=False).indices
-        return cells
+            cells[block] = faiss.knn(flat[block], self.centroids, self.probe)[1]
+        return torch.from_numpy(cells)
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """faiss's ``search`` for ``k`` = 1: (squared distances (n, 1), bank rows (n, 1)) of

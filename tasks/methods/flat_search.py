@@ -12,15 +12,21 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-#: Bytes of (queries x bank) distances one block may take on the device.
+#: Bytes of (queries x bank) distances one block may take on a GPU.
 BLOCK_BYTES = 1 << 30
+#: ... and on the CPU: blocks that stay in the allocator's reused memory and near the
+#: caches. 512 queries against a 53,770 x 152 bank on 2 cores: 81 ms in 1 GB blocks, 68 ms
+#: in 16 MB ones (/work/exp/ov10/flat_block.py).
+CPU_BLOCK_BYTES = 16 << 20
 
 
 class TorchFlatIndex:
     """faiss ``IndexFlatL2``'s ``search`` over ``bank`` (float32 (N, D)) on ``device``."""
 
-    def __init__(self, bank: np.ndarray, device: str, block_bytes: int = BLOCK_BYTES):
+    def __init__(self, bank: np.ndarray, device: str, block_bytes: int | None = None):
         self.device = torch.device(device)
+        if block_bytes is None:
+            block_bytes = CPU_BLOCK_BYTES if self.device.type == "cpu" else BLOCK_BYTES
         # On the CPU the tensor shares the bank's memory: no copy. The products take its
         # transpose as a view (BLAS reads it transposed, as fast as a transposed copy, measured).
         self.bank = torch.from_numpy(np.ascontiguousarray(bank, np.float32)).to(self.device)
@@ -40,7 +46,10 @@ class TorchFlatIndex:
                 for block in queries.split(self.rows_per_block):
                     block = block.to(self.device, non_blocking=True)
                     ranking = torch.addmm(self.bank_sq, block, self.bank.t(), alpha=-2.0)
-                    value, found = ranking.topk(k, dim=1, largest=False, sorted=True)
+                    if k == 1:  # a reduction: faster than topk (46 against 59 ms above)
+                        value, found = ranking.min(dim=1, keepdim=True)
+                    else:
+                        value, found = ranking.topk(k, dim=1, largest=False, sorted=True)
                     value += (block * block).sum(1, keepdim=True)
                     distances.append(value.clamp_min_(0).cpu())
                     rows.append(found.cpu())

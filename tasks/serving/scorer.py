@@ -83,23 +83,35 @@ class ImageScorer:
         return verdict_frame(names, scores, self.config.threshold, maps)
 
     def _score_files(self, paths: list[str], work: Path) -> tuple[np.ndarray, list[np.ndarray]]:
-        manifest, patches, patch_scores, patch_maps = self.score_windows(paths, work)
+        manifest, patches, patch_scores, patch_maps = self._score_windows(paths, work)
+        rows_of = pd.Series(np.arange(len(patches))).groupby(
+            patches["image_id"].to_numpy()).indices
+        boxes = patches[["x", "y", "width", "height"]].to_numpy()
         scores, maps = [], []
         for image_id, width, height in manifest[["image_id", "width", "height"]].itertuples(
                 index=False):
-            rows = np.flatnonzero(patches["image_id"].to_numpy() == image_id)
+            rows = rows_of.get(image_id, np.empty(0, dtype=np.int64))
             scores.append(float(patch_scores[rows].max()))
-            maps.append(_image_map(patch_maps[rows], patches.iloc[rows], int(width), int(height)))
+            maps.append(_image_map(patch_maps[rows].astype(np.float32), boxes[rows],
+                                   int(width), int(height)))
         return np.asarray(scores, dtype=np.float64), maps
 
     def score_windows(self, paths: list[str], work: Path
                       ) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray, np.ndarray]:
-        """(manifest, patch windows, patch scores, patch maps at input size) of image files.
+        """(manifest, patch windows, patch scores, float32 patch maps at input size) of
+        image files.
 
         The maps are float16-rounded as the pipeline stores them. ``work`` holds the
         temporary feature store: scorers sharing one ``work`` folder and the same feature
         settings reuse one extraction (the store is content-addressed).
         """
+        manifest, patches, patch_scores, patch_maps = self._score_windows(paths, work)
+        return manifest, patches, patch_scores, patch_maps.astype(np.float32)
+
+    def _score_windows(self, paths: list[str], work: Path
+                       ) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray, np.ndarray]:
+        """``score_windows`` with the maps left float16, as stored: converted one image at a
+        time, not all at once (hundreds of MB for an inbox of a few hundred images)."""
         cfg = self.config
         manifest = _manifest(paths, cfg.category)
         # The pipeline's own patch planning; new images carry no annotation file.
@@ -113,7 +125,7 @@ class ImageScorer:
         size = cfg.features.input_size
         patch_maps = np.zeros((len(batch), size, size), dtype=np.float16)
         patch_scores = score_pieces(self.detector, batch, patch_maps)
-        return manifest, patches, patch_scores, patch_maps.astype(np.float32)
+        return manifest, patches, patch_scores, patch_maps
 
 
 def materialize_images(images, work: Path) -> tuple[list[str], list[str]]:
@@ -177,9 +189,10 @@ def _manifest(paths: list[str], category: str) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
-def _image_map(maps: np.ndarray, windows: pd.DataFrame, width: int, height: int) -> np.ndarray:
-    """One image's anomaly map at its own resolution: one window resized, or windows stitched."""
-    boxes = list(windows[["x", "y", "width", "height"]].itertuples(index=False, name=None))
+def _image_map(maps: np.ndarray, boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """One image's anomaly map at its own resolution: one window (``boxes``: (n, 4) x, y,
+    width, height) resized, or windows stitched."""
+    boxes = [tuple(int(v) for v in box) for box in boxes]
     if len(boxes) == 1 and boxes[0] == (0, 0, width, height):
         return cv2.resize(maps[0], (width, height), interpolation=cv2.INTER_LINEAR)
     return stitch(maps, boxes, width, height)
