@@ -30,7 +30,7 @@ from .scorer import materialize_images, verdict_frame
 # Images per search when the graph ends at patch features: the search takes the patches of
 # this many images in one call (its per-call work amortized), as the pyfunc does. The graph
 # itself runs on export.json's batch_size (8) at a time: measured faster per image than 64
-# (OpenVINO on 2 cores: 267 against 219 images/s on Magnetic Tile, /work/exp/ov10/ov_modes.py).
+# (OpenVINO on 2 cores: 266 against 219 images/s on Magnetic Tile, /work/exp/ov10/ov_modes.py).
 FEATURE_BATCH = 64
 
 
