@@ -280,6 +280,36 @@ def test_torch_flat_index_finds_what_faiss_flat_index_finds():
     np.testing.assert_array_equal(found_i, expected_i)
     np.testing.assert_allclose(found_d, expected_d, rtol=1e-4, atol=1e-4)
     assert index.search(queries[:3], 900)[1].shape == (3, 500)   # k capped at the bank
+    # One neighbour: a reduction instead of topk, the same answer; the CPU's default blocks.
+    one_d, one_i = TorchFlatIndex(bank, "cpu").search(queries, 1)
+    np.testing.assert_array_equal(one_i, expected_i[:, :1])
+    np.testing.assert_allclose(one_d, expected_d[:, :1], rtol=1e-4, atol=1e-4)
     assert index.search(queries[:0], 2)[1].shape == (0, 2)
     # On the CPU the index searches the bank in place: no second copy of a large bank.
     assert np.shares_memory(index.bank.numpy(), bank)
+
+
+def test_feature_chunks_read_consecutive_and_scattered_rows_alike():
+    """Consecutive rows come as one slice of the store, others through a gather and a
+    reorder: both give each patch its own row, as float32, in the set's order."""
+    from defectflow.tasks.methods.base import PatchSet
+
+    rng = np.random.default_rng(0)
+    maps = {"a": rng.normal(size=(40, 3, 4, 4)).astype(np.float16),
+            "b": rng.normal(size=(40, 5, 2, 2)).astype(np.float16)}
+
+    class Store:
+        def maps(self, layer):
+            return maps[layer]
+
+    for positions in (np.arange(7, 30), rng.permutation(40)[:23]):
+        table = pd.DataFrame({"label": np.zeros(len(positions), int)})
+        patches = PatchSet(table, Store(), positions, {}, 32, (0.0,) * 3, (1.0,) * 3)
+        seen = 0
+        for part, chunk in patches.feature_chunks(["a", "b"], chunk_size=10):
+            for layer in ("a", "b"):
+                assert chunk[layer].dtype == np.float32
+                np.testing.assert_array_equal(chunk[layer],
+                                              maps[layer][positions[part]].astype(np.float32))
+            seen += part.stop - part.start
+        assert seen == len(positions)
