@@ -54,12 +54,10 @@ def test_feature_store_is_written_once_and_reused(product, tmp_path, monkeypatch
     assert maps.shape == (len(patches), 40, 8, 8)
     assert ref.patch_ids() == patches["patch_id"].tolist()
 
-    import defectflow.tasks.backbones as backbones
-
     def forbidden(*args, **kwargs):
         raise AssertionError("the backbone ran again for a cached key")
 
-    monkeypatch.setattr(backbones, "load_backbone", forbidden)
+    monkeypatch.setattr(features_mod, "_write_feature_maps", forbidden)
     again = features_mod.extract_features(patches, manifest, settings, **kwargs)
     assert again == ref
     # A different input size is another key, so it must compute (and hits the guard).
@@ -313,3 +311,26 @@ def test_feature_chunks_read_consecutive_and_scattered_rows_alike():
                                               maps[layer][positions[part]].astype(np.float32))
             seen += part.stop - part.start
         assert seen == len(positions)
+
+
+def test_the_extraction_model_is_built_once_per_process(monkeypatch):
+    """A served model extracts on every request: the backbone is read and folded once, and
+    another layer set or backbone is another model."""
+    import defectflow.tasks.backbones as backbones
+
+    features_mod.extraction_model.cache_clear()
+    built = []
+    real = backbones.load_backbone
+
+    def counting(name, layers, device="cpu"):
+        built.append((name, tuple(layers)))
+        return real(name, layers, device=device)
+
+    monkeypatch.setattr(backbones, "load_backbone", counting)
+    first = features_mod.extraction_model("efficientnet_lite0", ("blocks.2",), "cpu")
+    assert features_mod.extraction_model("efficientnet_lite0", ("blocks.2",), "cpu") is first
+    other = features_mod.extraction_model("efficientnet_lite0", ("blocks.2", "blocks.4"), "cpu")
+    assert other is not first
+    assert built == [("efficientnet_lite0", ("blocks.2",)),
+                     ("efficientnet_lite0", ("blocks.2", "blocks.4"))]
+    features_mod.extraction_model.cache_clear()
