@@ -140,28 +140,26 @@ class ExportedScorer:
         scores the current one, as the pipeline's extraction does."""
         threshold = self.config.threshold
         size = self.config.features.input_size
-        sizes, scores, image_maps = [], [], []
+        scores, image_maps = [], []
 
         def batches(paths: list[str]):
+            """(resized pixels, each image's (width, height)) of ``batch_size`` images."""
             for start in range(0, len(paths), self.batch_size):
-                pixels = []
-                for path in paths[start:start + self.batch_size]:
-                    image = denoise_image(read_image(path), self.config.denoise)
-                    sizes.append((image.shape[1], image.shape[0]))
-                    pixels.append(resize(image, size))
-                yield np.stack(pixels)
+                images = [denoise_image(read_image(path), self.config.denoise)
+                          for path in paths[start:start + self.batch_size]]
+                yield (np.stack([resize(image, size) for image in images]),
+                       [(image.shape[1], image.shape[0]) for image in images])
 
         with tempfile.TemporaryDirectory(prefix="defectflow-exported-") as tmp:
             paths, names = materialize_images(images, Path(tmp))
-            for pixels in prefetch(batches(paths)):
+            for pixels, shapes in prefetch(batches(paths)):
                 part_scores, part_maps = self.score_pixels(pixels)
                 scores.append(part_scores)
                 # float16 as the pipeline stores maps, then resized to the image like
                 # ImageScorer.
-                done = len(image_maps)
                 image_maps += [cv2.resize(m.astype(np.float16).astype(np.float32), shape,
                                           interpolation=cv2.INTER_LINEAR)
-                               for m, shape in zip(part_maps, sizes[done:done + len(part_maps)])]
+                               for m, shape in zip(part_maps, shapes)]
         if not scores:
             return verdict_frame([], [], threshold, [])
         return verdict_frame(names, np.concatenate(scores).astype(np.float64), threshold,
