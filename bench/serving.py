@@ -52,8 +52,7 @@ import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 
-from defectflow.tasks.backbones import fold_batchnorm, load_backbone
-from defectflow.tasks.features import normalize_batch, resize
+from defectflow.tasks.features import extraction_model, normalize_batch, resize
 from defectflow.tasks.images import read_image
 from defectflow.tasks.methods import PatchCore
 from defectflow.tasks.methods.patchcore import embed
@@ -101,10 +100,10 @@ def warm_timed(function, paths: list[str]):
 
 
 def backbone_floor(config, paths: list[str]) -> float:
-    """Seconds of the bare batched forward pass (as extraction runs it) over decoded images."""
+    """Seconds of the bare batched forward pass over decoded images, with the model that
+    extraction runs (features.extraction_model: batch norms folded, channels_last)."""
     features = config.features
-    model = fold_batchnorm(load_backbone(features.backbone, features.layers))
-    model = model.to(memory_format=torch.channels_last)
+    model = extraction_model(features.backbone, tuple(features.layers), "cpu")
     pixels = np.stack([resize(read_image(p), features.input_size) for p in paths])
 
     def forward(some: np.ndarray) -> None:
