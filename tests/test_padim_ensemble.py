@@ -13,8 +13,8 @@ from defectflow.tasks import datasets, features as features_mod
 from defectflow.tasks.evaluation import image_metrics, pixel_metrics
 from defectflow.tasks.methods import PatchSet
 from defectflow.tasks.methods.ensemble import (FeatureEnsemble, FeatureEnsembleParams,
-                                               make_adaptor, principal_components,
-                                               truncated_l1_loss)
+                                               logistic_loss, make_adaptor,
+                                               principal_components, truncated_l1_loss)
 from defectflow.tasks.methods.padim import PaDiM, PaDiMParams
 from defectflow.tasks.normalization import channel_stats
 from defectflow.tasks.patches import plan_patches
@@ -152,6 +152,27 @@ def test_truncated_l1_loss_is_zero_past_the_margin():
     assert truncated_l1_loss(torch.tensor([0.0]), torch.tensor([0.5]), 0.5) == pytest.approx(1.5)
 
 
+def test_logistic_loss_is_minimized_at_the_log_density_ratio():
+    # Where normal features make up a share p of what the discriminator sees at a point and
+    # fakes q, the best score is log(p / q): graded, not flat past a margin.
+    assert logistic_loss(torch.tensor([0.0]), torch.tensor([0.0])) == pytest.approx(2 * np.log(2))
+    for p, q in ((0.8, 0.2), (0.5, 0.5), (0.1, 0.9)):
+        d = torch.zeros(1, requires_grad=True)
+        optimizer = torch.optim.LBFGS([d], max_iter=100)
+
+        def closure():
+            optimizer.zero_grad()
+            loss = (p * torch.nn.functional.softplus(-d) + q * torch.nn.functional.softplus(d)).sum()
+            loss.backward()
+            return loss
+        optimizer.step(closure)
+        assert d.item() == pytest.approx(np.log(p / q), abs=1e-4)
+    # The mean form the training uses: the same as the pairwise one.
+    true, fake = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([-1.0, 3.0, 0.0])
+    expected = np.mean(np.log1p(np.exp(-true.numpy()))) + np.mean(np.log1p(np.exp(fake.numpy())))
+    assert logistic_loss(true, fake).item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_the_adaptor_starts_as_the_identity_and_keeps_every_direction():
     # A Xavier-initialized square matrix would shrink some directions to almost nothing,
     # different ones for every seed; training starts from the features as the PCA gave them.
@@ -169,7 +190,7 @@ def test_params_reject_bad_values():
             PaDiMParams(**bad)
     for bad in (dict(layers=()), dict(layers=("a", "a")), dict(n_components=0), dict(epochs=0),
                 dict(noise_std=0), dict(lr_discriminator=-1), dict(batch_size=0),
-                dict(border_pooling="same")):
+                dict(border_pooling="same"), dict(loss="hinge"), dict(lr_schedule="step")):
         with pytest.raises(ValueError):
             FeatureEnsembleParams(**bad)
     # One layer is a combined feature source's (features.sources).
@@ -254,7 +275,8 @@ def test_ensemble_pca_reduces_to_n_components_and_training_loss_decreases(produc
 
     curve = ensemble.history["train_loss"]
     assert len(curve) == 15
-    assert curve[-1] < 0.8 * curve[0] and curve[-1] < min(curve[:5])
+    # The logistic loss of a discriminator that cannot tell normal from fake is 2 log 2.
+    assert curve[-1] < min(curve[:5]) and curve[-1] < 0.95 * 2 * np.log(2) < curve[0]
 
 
 def test_ensemble_separates_generated_defects_and_round_trips(product, ensemble, tmp_path):
@@ -274,12 +296,16 @@ def test_ensemble_separates_generated_defects_and_round_trips(product, ensemble,
     np.testing.assert_allclose(restored_scores, scores, rtol=1e-5)
     np.testing.assert_allclose(restored_maps, maps, rtol=1e-5, atol=1e-6)
 
-    # A model saved before border_pooling existed was fitted on "valid" pooling: it loads so.
+    # A model saved before border_pooling, loss and lr_schedule existed was fitted on "valid"
+    # pooling with SimpleNet's loss at a constant rate: it loads so, and scores as before.
     meta = json.loads((folder / "detector.json").read_text())
     assert meta["params"].pop("border_pooling") == "zero_padded"
+    assert meta["params"].pop("loss") == "logistic"
+    assert meta["params"].pop("lr_schedule") == "cosine"
     (folder / "detector.json").write_text(json.dumps(meta))
     old = FeatureEnsemble.load(folder)
-    assert old.params.border_pooling == "valid"
+    assert (old.params.border_pooling, old.params.loss, old.params.lr_schedule) == (
+        "valid", "truncated_l1", "constant")
     assert not np.allclose(old.score(test)[1], maps)
 
 
@@ -292,3 +318,29 @@ def test_ensemble_training_is_seeded(product):
 
     first = curve()
     assert curve() == first and curve(seed=1) != first
+
+
+def test_the_cosine_schedule_brings_both_learning_rates_to_zero(product, monkeypatch):
+    # Every step's rates, read from the optimizers as training runs: cosine from the set rates
+    # to 0 at the last step; "constant" keeps them.
+    _, train, _ = product
+    seen = []
+    step = torch.optim.Adam.step
+
+    def recording_step(optimizer, *args, **kwargs):
+        seen.append(optimizer.param_groups[0]["lr"])
+        return step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    params = dict(layers=LAYERS, n_components=8, epochs=3, batch_size=256, hidden=32,
+                  lr_discriminator=1e-3, lr_adaptor=1e-4)
+    FeatureEnsemble(FeatureEnsembleParams(**params)).fit(train)
+    steps = 3 * -(-len(train) * 8 * 8 // 256)
+    disc, adaptor = seen[0::2], seen[1::2]
+    assert len(disc) == len(adaptor) == steps
+    assert disc[0] == 1e-3 and adaptor[0] == 1e-4
+    assert all(a >= b for a, b in zip(disc, disc[1:]))
+    assert disc[-1] < 1e-3 * 0.01 and adaptor[-1] < 1e-4 * 0.01
+    seen.clear()
+    FeatureEnsemble(FeatureEnsembleParams(**params, lr_schedule="constant")).fit(train)
+    assert set(seen[0::2]) == {1e-3} and set(seen[1::2]) == {1e-4}
