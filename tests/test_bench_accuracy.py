@@ -153,3 +153,19 @@ def test_a_bad_setting_stops_the_bench_before_any_measurement(tmp_path, accuracy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "PaDiM needs 1 to 3 distinct layers" in err[0]
     assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_dark_scene_bench_prints_each_seed_and_refuses_bad_settings(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import dark_scene
+
+    assert dark_scene.main(["--detector", "patchcore", "--seeds", "1"]) == [
+        pytest.approx(0.985, abs=0.02)]   # tests/test_dark_background.py's PatchCore figure
+    out = capsys.readouterr().out
+    assert "seed 0: pixel AUROC" in out and "patchcore (defaults): min" in out
+    for bad in (["--set", "shrinkage=2"], ["--set", "shrink=0"], ["--set", "seed=1"],
+                ["--set", "shrinkage"], ["--seeds", "0"]):
+        with pytest.raises(SystemExit) as stop:
+            dark_scene.main(["--detector", "padim", *bad])
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.count("\n") == 1
