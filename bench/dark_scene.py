@@ -11,8 +11,9 @@ object; 40 good and 10 dented images of 150 x 200 px, features of EfficientNet-L
 ``blocks.2`` + ``blocks.4`` at 128 px. The test fits each detector once (seed 0) against a
 0.95 bar; this bench shows how a setting's map moves with the detector's seed, which one seed
 cannot. ``--set`` takes the detector's own parameters (``KEY=VALUE``, YAML values), not the
-flow's, validated as the flow's ``--set methods.NAME.KEY=VALUE``; the ensemble's ``batch_size`` defaults to 128 vectors as in the test (the scene is
-small). Printed: each seed's pixel AUROC, then min, mean and std.
+flow's, validated as the flow's ``--set methods.NAME.KEY=VALUE``. The ensemble's
+``batch_size`` defaults to 128 vectors as in the test (the scene is small). Printed: each
+seed's pixel AUROC, then min, mean and std.
 """
 
 from __future__ import annotations
@@ -99,14 +100,14 @@ def measure(cls, params, seeds: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> list[float]:
-    from defectflow.tasks.methods import METHODS
+    from defectflow.tasks.methods import METHODS, FeatureEnsemble
     from defectflow.tasks.params import method_params
 
     # Detectors that learn from good images alone (the scene's training set has no defects).
     unsupervised = sorted(name for name, cls in METHODS.items()
                           if not cls.needs_labelled_defects)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--detector", default="ensemble", choices=unsupervised)
+    parser.add_argument("--detector", default=FeatureEnsemble.name, choices=unsupervised)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--seeds", type=int, default=10)
     args = parser.parse_args(argv)
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> list[float]:
         fail("--set seed: each run's seed comes from --seeds (0, 1, ...)")
     # The test's ensemble: 128 feature vectors per step (the scene is small). Only the
     # ensemble's batch_size counts vectors; the others' count images and keep their defaults.
-    defaults = {"batch_size": 128} if args.detector == "ensemble" else {}
+    defaults = {"batch_size": 128} if cls is FeatureEnsemble else {}
     try:   # validated and converted as the flow's `--set methods.NAME.KEY=VALUE`
         params = method_params(args.detector, {**defaults, **overrides}, None)
     except ValueError as error:

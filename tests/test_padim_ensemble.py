@@ -162,7 +162,8 @@ def test_logistic_loss_is_minimized_at_the_log_density_ratio():
 
         def closure():
             optimizer.zero_grad()
-            loss = (p * torch.nn.functional.softplus(-d) + q * torch.nn.functional.softplus(d)).sum()
+            softplus = torch.nn.functional.softplus
+            loss = (p * softplus(-d) + q * softplus(d)).sum()
             loss.backward()
             return loss
         optimizer.step(closure)
