@@ -29,37 +29,14 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SIZE = 128
 
 
 def build_scene(folder: Path):
-    """(manifest, train set, test set, test rows), the test module's scene."""
+    """(manifest, train set, test set, test rows): the test module's scene, built in ``folder``."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import make_object_on_dark_dataset
+    from conftest import dark_scene_sets
 
-    from defectflow.tasks import datasets, features as features_mod
-    from defectflow.tasks.feature_settings import FeatureSettings
-    from defectflow.tasks.methods import PatchSet
-    from defectflow.tasks.normalization import channel_stats
-    from defectflow.tasks.patches import plan_patches
-
-    root = make_object_on_dark_dataset(folder / "product", n_good=40, n_bad=10,
-                                       height=150, width=200)
-    manifest = datasets.scan_dataset("folder", root).manifest
-    patches = plan_patches(manifest)
-    paths = dict(zip(manifest.image_id, manifest.path))
-    stats = channel_stats(patches[patches.split == "train"], paths)
-    store = features_mod.extract_features(
-        patches, manifest, FeatureSettings(layers=("blocks.2", "blocks.4"), input_size=SIZE),
-        mean=stats["mean"], std=stats["std"], cache_dir=folder / "cache", progress=False)
-
-    def subset(split):
-        pos = np.flatnonzero((patches["split"] == split).to_numpy())
-        return PatchSet(patches.iloc[pos].reset_index(drop=True), store, pos, paths, SIZE,
-                        tuple(stats["mean"]), tuple(stats["std"]))
-
-    test_rows = patches[patches.split == "test"].reset_index(drop=True)
-    return manifest, subset("train"), subset("test"), test_rows
+    return dark_scene_sets(folder)
 
 
 def fail(message: str) -> None:

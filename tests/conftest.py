@@ -135,6 +135,35 @@ def make_object_on_dark_dataset(root: Path, n_good: int = 30, n_bad: int = 8,
     return root
 
 
+def dark_scene_sets(root: Path, size: int = 128):
+    """The camera scene of ``tests/test_dark_background.py`` (40 good, 10 dented images of
+    150 x 200 px, Lite0 ``blocks.2`` + ``blocks.4`` at ``size`` px), extracted in ``root``:
+    (manifest, train PatchSet, test PatchSet, test rows). ``bench/dark_scene.py`` uses it too."""
+    from defectflow.tasks import datasets, features
+    from defectflow.tasks.feature_settings import FeatureSettings
+    from defectflow.tasks.methods import PatchSet
+    from defectflow.tasks.normalization import channel_stats
+    from defectflow.tasks.patches import plan_patches
+
+    product = make_object_on_dark_dataset(root / "product", n_good=40, n_bad=10,
+                                          height=150, width=200)
+    manifest = datasets.scan_dataset("folder", product).manifest
+    patches = plan_patches(manifest)
+    paths = dict(zip(manifest.image_id, manifest.path))
+    stats = channel_stats(patches[patches.split == "train"], paths)
+    store = features.extract_features(
+        patches, manifest, FeatureSettings(layers=("blocks.2", "blocks.4"), input_size=size),
+        mean=stats["mean"], std=stats["std"], cache_dir=root / "cache", progress=False)
+
+    def subset(split):
+        pos = np.flatnonzero((patches["split"] == split).to_numpy())
+        return PatchSet(patches.iloc[pos].reset_index(drop=True), store, pos, paths, size,
+                        tuple(stats["mean"]), tuple(stats["std"]))
+
+    test_rows = patches[patches.split == "test"].reset_index(drop=True)
+    return manifest, subset("train"), subset("test"), test_rows
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny convolutions: on a loaded 2-core machine a second intra-op thread only spins."""

@@ -13,12 +13,8 @@ schedule (SimpleNet's truncated L1 put a subtle dent wherever its seed happened 
 import numpy as np
 import pytest
 
-from defectflow.tasks import datasets, features as features_mod
 from defectflow.tasks.evaluation.localization import patch_pixel_metrics
-from defectflow.tasks.feature_settings import FeatureSettings
-from defectflow.tasks.methods import FeatureEnsemble, MSFlow, PaDiM, PatchCore, PatchSet
-from defectflow.tasks.normalization import channel_stats
-from defectflow.tasks.patches import plan_patches
+from defectflow.tasks.methods import FeatureEnsemble, MSFlow, PaDiM, PatchCore
 
 SIZE = 128
 BAR = 0.95  # pixel AUROC: PaDiM 0.964, PatchCore 0.985; PaDiM without shrinkage 0.928
@@ -29,26 +25,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory):
-    from conftest import make_object_on_dark_dataset
+    from conftest import dark_scene_sets
 
-    tmp = tmp_path_factory.mktemp("dark_background")
-    root = make_object_on_dark_dataset(tmp / "product", n_good=40, n_bad=10,
-                                       height=150, width=200)
-    manifest = datasets.scan_dataset("folder", root).manifest
-    patches = plan_patches(manifest)
-    paths = dict(zip(manifest.image_id, manifest.path))
-    stats = channel_stats(patches[patches.split == "train"], paths)
-    store = features_mod.extract_features(
-        patches, manifest, FeatureSettings(layers=("blocks.2", "blocks.4"), input_size=SIZE),
-        mean=stats["mean"], std=stats["std"], cache_dir=tmp / "cache", progress=False)
-
-    def subset(split):
-        pos = np.flatnonzero((patches["split"] == split).to_numpy())
-        return PatchSet(patches.iloc[pos].reset_index(drop=True), store, pos, paths, SIZE,
-                        tuple(stats["mean"]), tuple(stats["std"]))
-
-    test_rows = patches[patches.split == "test"].reset_index(drop=True)
-    return manifest, subset("train"), subset("test"), test_rows
+    return dark_scene_sets(tmp_path_factory.mktemp("dark_background"), SIZE)
 
 
 def pixel_auroc(scene, detector) -> float:
