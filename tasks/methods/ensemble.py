@@ -32,9 +32,10 @@ seeds 0-2 on the dark-background scene). The logistic loss is minimized by
 ``D = log p_normal / p_fake``, the log ratio of the features' density to that of
 the noisy fakes, so every feature gets a graded score, low where the normal
 features are sparse. Ending on a small learning rate stops the last steps
-from moving the boundary. On that scene, over seeds 0-9, pixel AUROC: min 0.784,
-mean 0.905 (truncated L1, 60 epochs, constant rate 2e-4); min 0.953, mean 0.969
-(logistic, 30 epochs, cosine from 1e-3). README "Detectors" has the steps between.
+from moving the boundary. On that scene, over seeds 0-9, pixel AUROC: min 0.780,
+mean 0.912 (truncated L1, 30 epochs, constant rate 2e-4); min 0.953, mean 0.969
+(logistic, 30 epochs, cosine from 1e-3; ``bench/dark_scene.py``). README
+"Detectors" has the steps between.
 
 The PCA is exact: the channel covariance is accumulated over every training
 vector in one streaming pass (memory D x D) and eigendecomposed, which needs
