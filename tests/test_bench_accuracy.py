@@ -169,3 +169,40 @@ def test_dark_scene_bench_prints_each_seed_and_refuses_bad_settings(monkeypatch,
             dark_scene.main(["--detector", "padim", *bad])
         assert stop.value.code == 2
         assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_separability_bench_probes_each_defect_type_against_the_distances(tmp_path, monkeypatch,
+                                                                         capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    sys.modules.pop("separability", None)
+    import separability
+
+    data = make_folder_dataset(tmp_path / "product", n_good=24, n_bad=10, size=64)
+    params = tmp_path / "tiny.yaml"
+    params.write_text(yaml.safe_dump({
+        "dataset": {"layout": "folder", "path": str(data), "category": "product"},
+        "features": {"input_size": 64, "layers": ["blocks.2", "blocks.3"]},
+        "cache_dir": str(tmp_path / "cache"),
+    }))
+    out = tmp_path / "separability.json"
+    results = separability.main(["--datasets", str(params), "--shots", "2", "--json", str(out)])
+
+    [blob] = results
+    assert blob["type"] == "blob" and blob["images"] == 10
+    # A dark blob on stripes: the probe (trained on other images' masks) and both distances
+    # (trained on good images only) all find it, inside its image and across images.
+    for name in ("probe", "knn", "mahalanobis", "probe_2shot"):
+        assert blob[f"{name}_pooled"] > 0.9 and blob[f"{name}_within"] > 0.9, name
+    printed = capsys.readouterr().out
+    assert "| blob | 10 |" in printed and "probe_2shot pooled / within" in printed
+    assert json.loads(out.read_text())["results"] == results
+
+    bad_runs = (["--shots", "0"],
+                ["--set", "patches.size=32"],
+                ["--setting", "deep: features.layers=[blocks.9]"])
+    for bad in bad_runs:
+        with pytest.raises(SystemExit) as stop:
+            separability.main(["--datasets", str(params), *bad])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("separability.py: "), err
