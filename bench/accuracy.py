@@ -16,7 +16,8 @@ and evaluate in a scratch cache, so every fit and every scoring is timed cold.
 A seed draws the train/test split (``dataset.seed``) and seeds the detector (its ``seed``); no
 setting, threshold or seed is chosen on test labels. Printed: image AUROC, pixel AUROC, AUPRO
 (Magnetic Tile and BSData have masks; ELPV has none), fit seconds and scoring seconds (the
-validation and test images), each as mean ± std over the seeds. The JSON (``--json``, written
+validation and test images), each as mean ± std over the seeds; where a data set has two or
+more defect types with masks, a second table gives each type's pixel AUROC. The JSON (``--json``, written
 after every measurement, so an interrupted run keeps what it measured) holds every seed's
 figures too.
 
@@ -46,6 +47,7 @@ DATASETS = {
     "elpv": "params/elpv-all.yaml",
     "bsdata": "params/bsdata.yaml",
 }
+TYPE_PREFIX = "pixel_auroc."   # a row's per-defect-type pixel AUROC keys
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "fit_s", "score_s")
 HEADERS = ("image AUROC", "pixel AUROC", "AUPRO", "fit s", "score s")
 
@@ -111,12 +113,12 @@ def measure(dataset: str, params_file: Path, setting: Setting, seed: int, detect
                        **{k: float(metrics.get(k, float("nan")))
                           for k in ("image_auroc", "pixel_auroc", "aupro")},
                        # each defect type's pixel AUROC against the good images
-                       **{k: float(v) for k, v in metrics.items() if k.startswith("pixel_auroc.")})
+                       **{k: float(v) for k, v in metrics.items() if k.startswith(TYPE_PREFIX)})
             print(f"  {row['dataset']} [{setting.name}] {method} seed {seed}: image AUROC "
                   f"{row['image_auroc']:.4f}, pixel AUROC {row['pixel_auroc']:.4f}, AUPRO "
                   f"{row['aupro']:.4f}, fit {fit_s:.1f} s, score {score_s:.1f} s"
-                  + "".join(f", {k.removeprefix('pixel_auroc.')} {v:.3f}" for k, v in row.items()
-                            if k.startswith("pixel_auroc.")), flush=True)
+                  + "".join(f", {k.removeprefix(TYPE_PREFIX)} {v:.3f}" for k, v in row.items()
+                            if k.startswith(TYPE_PREFIX)), flush=True)
             yield row
 
 
@@ -130,12 +132,59 @@ def summarize(rows: list[dict]) -> list[dict]:
         entry = dict(dataset=dataset, setting=setting, detector=detector,
                      seeds=[m["seed"] for m in members])
         for metric in METRICS:
-            values = np.array([m[metric] for m in members], dtype=float)
-            finite = values[np.isfinite(values)]
-            entry[metric] = ([float(finite.mean()), float(finite.std())] if len(finite)
-                             else [float("nan"), float("nan")])
+            entry[metric] = mean_std([m[metric] for m in members])
+        kinds = sorted({k for m in members for k in m if k.startswith(TYPE_PREFIX)})
+        if kinds:  # two or more defect types with masks: each one's pixel AUROC
+            entry["pixel_auroc_by_type"] = {
+                k.removeprefix(TYPE_PREFIX): mean_std([m.get(k, np.nan) for m in members])
+                for k in kinds}
         summary.append(entry)
     return summary
+
+
+def mean_std(values) -> list[float]:
+    """[mean, std] of the finite values (NaN, NaN when there are none)."""
+    values = np.array(values, dtype=float)
+    finite = values[np.isfinite(values)]
+    return ([float(finite.mean()), float(finite.std())] if len(finite)
+            else [float("nan"), float("nan")])
+
+
+def format_types_table(summary: list[dict]) -> str:
+    """Each defect type's pixel AUROC (its pixels against every good test image's) as mean ±
+    std, one row per entry that has them, and the lowest type's mean; "" when none has."""
+    entries = [e for e in summary if e.get("pixel_auroc_by_type")]
+    if not entries:
+        return ""
+    kinds = sorted({k for e in entries for k in e["pixel_auroc_by_type"]})
+    header = ["data set", "setting", "detector", *kinds, "lowest type"]
+    body = []
+    for e in entries:
+        by_type = e["pixel_auroc_by_type"]
+        cells = [f"{by_type[k][0]:.3f} ± {by_type[k][1]:.3f}"
+                 if k in by_type and np.isfinite(by_type[k][0]) else "-" for k in kinds]
+        means = {k: v[0] for k, v in by_type.items() if np.isfinite(v[0])}
+        lowest = min(means, key=means.get) if means else None
+        body.append([e["dataset"], e["setting"], e["detector"], *cells,
+                     f"{lowest} {means[lowest]:.3f}" if lowest else "-"])
+    return markdown_table(header, body)
+
+
+def markdown_table(header: list, body: list[list]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
+    lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
+             for r in [header, *body]]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def print_tables(summary: list[dict]) -> None:
+    print(format_table(summary))
+    types = format_types_table(summary)
+    if types:
+        print("\npixel AUROC per defect type (its pixels against every good test image's), "
+              "mean ± std over the seeds:")
+        print(types)
 
 
 def format_table(summary: list[dict]) -> str:
@@ -152,11 +201,7 @@ def format_table(summary: list[dict]) -> str:
         header.append("seeds")
         for row, entry in zip(body, summary):
             row.append(len(entry["seeds"]))
-    widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
-    lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
-             for r in [header, *body]]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return markdown_table(header, body)
 
 
 def params_file_of(dataset: str) -> tuple[Path, str]:
@@ -188,7 +233,7 @@ def main(argv=None) -> dict:
         saved = json.loads(Path(args.report).read_text())
         summary = summarize(saved["rows"])
         print(f"{args.report}: {saved['command']} (started {saved['started']})")
-        print(format_table(summary))
+        print_tables(summary)
         return dict(saved, summary=summary)
 
     from defectflow.tasks.methods import METHODS
@@ -236,7 +281,7 @@ def main(argv=None) -> dict:
     print(f"\nmean ± std over {args.seeds} seed(s) (split and detector seeded); "
           f"score s: the validation and test images. JSON: {out}")
     result = report(rows)
-    print(format_table(result["summary"]))
+    print_tables(result["summary"])
     return result
 
 

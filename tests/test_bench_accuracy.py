@@ -108,23 +108,35 @@ def test_accuracy_bench_on_bsdata_patches_reports_aupro(tmp_path, accuracy_bench
 def test_report_prints_the_table_of_an_interrupted_run(tmp_path, accuracy_bench, capsys):
     """``--report``: the JSON a run left (here cut short in its second seed) printed as the
     table, with the number of seeds each row has when they differ."""
-    def row(detector, seed, auroc):
+    def row(detector, seed, auroc, **types):
         return dict(dataset="bsdata", setting="params", detector=detector, seed=seed,
                     image_auroc=auroc, pixel_auroc=0.9, aupro=0.7, fit_s=10.0 + seed,
-                    score_s=2.0, features_s=1.0, images=10)
+                    score_s=2.0, features_s=1.0, images=10,
+                    **{f"pixel_auroc.{kind}": value for kind, value in types.items()})
 
     saved = tmp_path / "run.json"
     saved.write_text(json.dumps({"command": "bench/accuracy.py --seeds 3", "started": "now",
-                                 "rows": [row("padim", 0, 0.8), row("msflow", 0, 0.9),
-                                          row("padim", 1, 0.9)]}))
+                                 "rows": [row("padim", 0, 0.8, crack=0.95, uneven=0.70),
+                                          row("msflow", 0, 0.9, crack=0.99),
+                                          row("padim", 1, 0.9, crack=0.97, uneven=0.80)]}))
     result = accuracy_bench.main(["--report", str(saved)])
-    table = capsys.readouterr().out
+    out = capsys.readouterr().out
+    table, _, types = out.partition("per defect type")
     assert "bench/accuracy.py --seeds 3" in table
     lines = {line.split("|")[3].strip(): line for line in table.splitlines() if "| bsdata" in line}
     assert "0.8500 ± 0.0500" in lines["padim"] and lines["padim"].rstrip(" |").endswith("2")
     assert "0.9000 ± 0.0000" in lines["msflow"] and lines["msflow"].rstrip(" |").endswith("1")
     assert "10.5 ± 0.5" in lines["padim"]
     assert [e["seeds"] for e in result["summary"]] == [[0, 1], [0]]
+    # Each defect type's pixel AUROC over the seeds, the lowest type named; a type a row
+    # lacks is "-".
+    assert result["summary"][0]["pixel_auroc_by_type"] == {
+        "crack": [pytest.approx(0.96), pytest.approx(0.01)],
+        "uneven": [pytest.approx(0.75), pytest.approx(0.05)]}
+    type_lines = {line.split("|")[3].strip(): [c.strip() for c in line.split("|")[4:-1]]
+                  for line in types.splitlines() if "| bsdata" in line}
+    assert type_lines["padim"] == ["0.960 ± 0.010", "0.750 ± 0.050", "uneven 0.750"]
+    assert type_lines["msflow"] == ["0.990 ± 0.000", "-", "crack 0.990"]
 
 
 def test_a_setting_that_names_a_bad_value_is_a_one_line_error(accuracy_bench):
