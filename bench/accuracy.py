@@ -17,9 +17,9 @@ A seed draws the train/test split (``dataset.seed``) and seeds the detector (its
 setting, threshold or seed is chosen on test labels. Printed: image AUROC, pixel AUROC, AUPRO
 (Magnetic Tile and BSData have masks; ELPV has none), fit seconds and scoring seconds (the
 validation and test images), each as mean ± std over the seeds; where a data set has two or
-more defect types with masks, a second table gives each type's pixel AUROC. The JSON (``--json``, written
-after every measurement, so an interrupted run keeps what it measured) holds every seed's
-figures too.
+more defect types with masks, a second table gives each type's pixel AUROC. The JSON
+(``--json``, written after every measurement, so an interrupted run keeps what it measured)
+holds every seed's figures too.
 
 Method settings come from each data set's params file (the ``-all`` file where there is one),
 a method it does not list gets its defaults.

@@ -132,17 +132,17 @@ def measure(vectors, masks, rows, types, seed: int, shots: list[int]) -> list[di
     scores = {name: np.zeros((n, h, w), np.float32) for name in ("knn", "mahalanobis")}
 
     # Unsupervised references, fitted on good train positions only.
-    import torch
+    from defectflow.tasks.methods.flat_search import TorchFlatIndex
 
     mean = bank.mean(axis=0)
     precision = np.linalg.inv(np.cov(bank, rowvar=False) + 1e-3 * np.eye(dim))
-    bank_t = torch.from_numpy(np.ascontiguousarray(bank))
+    index = TorchFlatIndex(bank, "cpu")  # PatchCore's exact search, as without a coreset
     for i in np.concatenate([defective, good_test]):
         centred = flat[i] - mean
         scores["mahalanobis"][i] = np.einsum("pd,de,pe->p", centred, precision,
                                              centred).reshape(h, w)
-        scores["knn"][i] = torch.cdist(torch.from_numpy(flat[i]), bank_t).min(dim=1).values \
-            .numpy().reshape(h, w)
+        squared, _ = index.search(flat[i])
+        scores["knn"][i] = np.sqrt(squared[:, 0]).reshape(h, w)
 
     def fit_score(train_images, test_images):
         x = np.concatenate([flat[train_images].reshape(-1, dim), negatives])
